@@ -1,0 +1,1 @@
+"""Built-in certificate authority (arrives in a later issue)."""

@@ -1,0 +1,1 @@
+"""Sidecar proxy (arrives in a later issue)."""
