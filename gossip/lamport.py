@@ -1,0 +1,19 @@
+"""Lamport clocks, as Serf uses them to order intents, events and queries."""
+
+from __future__ import annotations
+
+
+class LamportClock:
+    def __init__(self) -> None:
+        self.counter = 0
+
+    def time(self) -> int:
+        return self.counter
+
+    def increment(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def witness(self, v: int) -> None:
+        if v >= self.counter:
+            self.counter = v + 1

@@ -1,0 +1,269 @@
+"""A deterministic simulated network for the sans-I/O gossip core.
+
+One seeded RNG decides loss, delay and every node's randomness, so a failing run replays exactly
+from its seed. Datagrams go through the real codec (bytes in, bytes out); TCP push/pull and TCP
+pings are modelled as reliable exchanges that fail when either side is cut off.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gossip.config import GossipConfig
+from gossip.member import MemberEvent, MemberEventType, MemberStatus
+from gossip.serf import Serf
+from gossip.swim import Address, ProtocolError, SendPacket, StartPushPull, StartTcpPing
+
+
+@dataclass
+class SimNode:
+    index: int
+    name: str
+    addr: Address
+    serf: Serf
+    crashed: bool = False
+    group: int = 0
+    failed_events: list[tuple[float, str]] = field(default_factory=list)
+
+
+class SimNetwork:
+    def __init__(
+        self,
+        seed: int,
+        *,
+        config: GossipConfig | None = None,
+        loss: float = 0.0,
+        min_delay: float = 0.0005,
+        max_delay: float = 0.005,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.config = config or GossipConfig.lan()
+        self.loss = loss
+        self.min_delay = min_delay
+        self.max_delay = max_delay
+        self.now = 0.0
+        self.nodes: list[SimNode] = []
+        self.by_addr: dict[Address, SimNode] = {}
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._deadlines: list[tuple[float, int, int]] = []
+        self.partitioned = False
+        self.packets = 0
+        self.packets_dropped = 0
+        self.bytes = 0
+
+    # -- building -----------------------------------------------------------------------------
+
+    def add_node(self, name: str | None = None) -> SimNode:
+        i = len(self.nodes)
+        name = name or f"n{i:05d}"
+        addr = (f"198.18.{i // 250}.{i % 250 + 1}", 7946)
+        serf = Serf(
+            name=name,
+            addr=addr[0],
+            port=addr[1],
+            tags={"role": "node", "dc": "sim"},
+            config=self.config,
+            rng=random.Random(self.rng.getrandbits(64)),
+        )
+        node = SimNode(i, name, addr, serf)
+        self.nodes.append(node)
+        self.by_addr[addr] = node
+        serf.start(self.now)
+        self._service(node)
+        return node
+
+    def join(self, node: SimNode, seed: SimNode) -> None:
+        """memberlist Join: a push/pull with Join=true, then Serf's join intent."""
+
+        def done(ok: bool) -> None:
+            if ok:
+                node.serf.joined(self.now)
+                self._service(node)
+
+        self._push_pull(node, seed.addr, True, done)
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def crash(self, node: SimNode) -> None:
+        node.crashed = True
+
+    def partition(self, groups: Callable[[SimNode], int]) -> None:
+        for n in self.nodes:
+            n.group = groups(n)
+        self.partitioned = True
+
+    def heal(self) -> None:
+        for n in self.nodes:
+            n.group = 0
+        self.partitioned = False
+
+    def reachable(self, a: SimNode, b: SimNode) -> bool:
+        return not a.crashed and not b.crashed and a.group == b.group
+
+    # -- running ------------------------------------------------------------------------------
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (when, next(self._seq), fn))
+
+    def run_until(self, end: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Advance simulated time to `end`; with `stop`, return True as soon as it holds."""
+        check_every = 0
+        while True:
+            t_ev = self._events[0][0] if self._events else float("inf")
+            t_dl = self._deadlines[0][0] if self._deadlines else float("inf")
+            t = min(t_ev, t_dl)
+            if t > end:
+                self.now = end
+                return bool(stop and stop())
+            self.now = max(self.now, t)
+            if t_ev <= t_dl:
+                _, _, fn = heapq.heappop(self._events)
+                fn()
+            else:
+                _, _, i = heapq.heappop(self._deadlines)
+                node = self.nodes[i]
+                dl = node.serf.next_deadline()
+                if node.crashed or dl is None or dl > self.now:
+                    if not node.crashed and dl is not None:
+                        heapq.heappush(self._deadlines, (dl, next(self._seq), i))
+                    continue
+                node.serf.tick(self.now)
+                self._service(node)
+            if stop is not None:
+                check_every += 1
+                if check_every >= 2000:
+                    check_every = 0
+                    if stop():
+                        return True
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _service(self, node: SimNode) -> None:
+        """Route a node's effects into the network and re-arm its timer."""
+        serf = node.serf
+        for eff in serf.take_effects():
+            if isinstance(eff, SendPacket):
+                self._send(node, eff.dest, eff.data)
+            elif isinstance(eff, StartPushPull):
+                self._push_pull(node, eff.dest, eff.join, None)
+            elif isinstance(eff, StartTcpPing):
+                self._tcp_ping(node, eff)
+        for ev in serf.take_events():
+            if isinstance(ev, MemberEvent) and ev.type == MemberEventType.FAILED:
+                node.failed_events.append((self.now, ev.member.name))
+        dl = serf.next_deadline()
+        if dl is not None and not node.crashed:
+            heapq.heappush(self._deadlines, (dl, next(self._seq), node.index))
+
+    def _delay(self) -> float:
+        return self.min_delay + self.rng.random() * (self.max_delay - self.min_delay)
+
+    def _send(self, src: SimNode, dest: Address, data: bytes) -> None:
+        self.packets += 1
+        self.bytes += len(data)
+        dst = self.by_addr.get(dest)
+        if dst is None or not self.reachable(src, dst) or (
+            self.loss and self.rng.random() < self.loss
+        ):
+            self.packets_dropped += 1
+            return
+
+        def deliver() -> None:
+            if dst.crashed or not self.reachable(src, dst):
+                return
+            dst.serf.receive_packet(data, src.addr, self.now)
+            self._service(dst)
+
+        self.at(self.now + self._delay(), deliver)
+
+    def _push_pull(
+        self, src: SimNode, dest: Address, join: bool, done: Callable[[bool], None] | None
+    ) -> None:
+        dst = self.by_addr.get(dest)
+
+        def fail() -> None:
+            if done:
+                done(False)
+
+        if dst is None or not self.reachable(src, dst):
+            self.at(self.now + 0.05, fail)
+            return
+
+        def exchange() -> None:
+            if not self.reachable(src, dst):
+                fail()
+                return
+            local = src.serf.memberlist.join_state(join)
+            reply = dst.serf.memberlist.join_state(join)
+            try:
+                dst.serf.memberlist.merge_push_pull(local, self.now)
+            except ProtocolError:
+                pass
+            self._service(dst)
+
+            def merge_back() -> None:
+                if src.crashed:
+                    return
+                try:
+                    src.serf.memberlist.merge_push_pull(reply, self.now)
+                except ProtocolError:
+                    fail()
+                    return
+                self._service(src)
+                if done:
+                    done(True)
+
+            self.at(self.now + self._delay(), merge_back)
+
+        self.at(self.now + self._delay(), exchange)
+
+    def _tcp_ping(self, src: SimNode, eff: StartTcpPing) -> None:
+        dst = self.by_addr.get(eff.dest)
+        ok = dst is not None and self.reachable(src, dst) and dst.name == eff.node
+
+        def result() -> None:
+            if not src.crashed:
+                src.serf.memberlist.tcp_ping_result(eff.seq_no, ok, self.now)
+                self._service(src)
+
+        self.at(self.now + (2 * self._delay() if ok else max(0.0, eff.deadline - self.now)), result)
+
+    # -- observations -------------------------------------------------------------------------
+
+    def status_of(self, observer: SimNode, name: str) -> MemberStatus | None:
+        ms = observer.serf.members_by_name.get(name)
+        return ms.member.status if ms else None
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes if not n.crashed]
+
+    def all_see_all_alive(self, nodes: list[SimNode] | None = None) -> bool:
+        nodes = nodes or self.live()
+        names = [n.name for n in nodes]
+        for n in nodes:
+            mb = n.serf.members_by_name
+            for name in names:
+                ms = mb.get(name)
+                if ms is None or ms.member.status != MemberStatus.ALIVE:
+                    return False
+        return True
+
+    def all_see(self, name: str, statuses: set[MemberStatus], nodes: list[SimNode] | None = None
+                ) -> bool:
+        for n in nodes or self.live():
+            if n.name == name:
+                continue
+            ms = n.serf.members_by_name.get(name)
+            if ms is None or ms.member.status not in statuses:
+                return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"seed": self.seed, "now": round(self.now, 3), "packets": self.packets}

@@ -1,0 +1,96 @@
+"""The sans-I/O gossip core at scale, on the deterministic simulated network.
+
+Every assertion message carries the seed; `MESHNODE_SIM_SEED=<seed>` replays a run exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gossip.member import MemberStatus
+from tests.sim.network import SimNetwork, SimNode
+
+SEED = int(os.environ.get("MESHNODE_SIM_SEED", "20261124"))
+N = int(os.environ.get("MESHNODE_SIM_NODES", "1000"))
+
+
+def build(net: SimNetwork, n: int, *, join_window: float = 5.0) -> list[SimNode]:
+    """Start n nodes; each joins a random earlier node, spread over join_window seconds."""
+    nodes = [net.add_node()]
+    for i in range(1, n):
+        node = net.add_node()
+        seed = nodes[net.rng.randrange(len(nodes))]
+        nodes.append(node)
+        net.at(net.now + join_window * i / n, lambda node=node, seed=seed: net.join(node, seed))
+    return nodes
+
+
+def converge(net: SimNetwork, limit: float) -> float:
+    start = net.now
+    ok = net.run_until(net.now + limit, stop=net.all_see_all_alive)
+    assert ok, f"no convergence within {limit}s of simulated time (replay with seed {net.seed})"
+    return net.now - start
+
+
+@pytest.fixture(scope="module")
+def cluster() -> SimNetwork:
+    """One 1,000-node cluster, shared by the scenarios below in order (formation is the cost)."""
+    net = SimNetwork(SEED)
+    build(net, N)
+    converge(net, 120.0)
+    return net
+
+
+def test_every_member_converges_after_joins(cluster: SimNetwork) -> None:
+    net = cluster
+    assert len(net.nodes) == N
+    assert net.all_see_all_alive(), f"seed {net.seed}"
+    for n in net.nodes:
+        assert len(n.serf.members_by_name) == N, f"{n.name} knows {len(n.serf.members_by_name)}"
+        assert n.serf.local_member().tags["dc"] == "sim"
+
+
+def test_crashed_node_is_marked_failed_everywhere(cluster: SimNetwork) -> None:
+    net = cluster
+    victim = net.nodes[net.rng.randrange(1, N)]
+    net.crash(victim)
+    t0 = net.now
+    ok = net.run_until(
+        t0 + 120.0, stop=lambda: net.all_see(victim.name, {MemberStatus.FAILED})
+    )
+    assert ok, f"{victim.name} not seen failed everywhere (seed {net.seed})"
+    # memberlist's bound: suspicion max timeout (6 x 4 x log10(n) s) plus dissemination
+    assert net.now - t0 < 6 * 4 * 3 + 20, f"detection took {net.now - t0:.1f}s (seed {net.seed})"
+
+
+def test_packet_loss_never_kills_a_healthy_node(cluster: SimNetwork) -> None:
+    """Lifeguard: with 5% loss, suspicion of a healthy node is always refuted."""
+    net = cluster
+    healthy = {n.name for n in net.live()}
+    for n in net.nodes:
+        n.failed_events.clear()
+    net.loss = 0.05
+    net.run_until(net.now + 60.0)
+    net.loss = 0.0
+    wrongly = {(n.name, who) for n in net.live() for _, who in n.failed_events if who in healthy}
+    assert not wrongly, f"healthy nodes declared failed: {sorted(wrongly)[:5]} (seed {net.seed})"
+
+
+def test_healed_partition_remerges(cluster: SimNetwork) -> None:
+    net = cluster
+    live = net.live()
+    net.partition(lambda n: n.index % 2)
+    side_a = [n for n in live if n.index % 2 == 0]
+    side_b = [n for n in live if n.index % 2 == 1]
+    # each side sees the other as failed
+    ok = net.run_until(
+        net.now + 200.0,
+        stop=lambda: net.all_see(side_b[0].name, {MemberStatus.FAILED}, side_a)
+        and net.all_see(side_a[0].name, {MemberStatus.FAILED}, side_b),
+    )
+    assert ok, f"partition not detected (seed {net.seed})"
+    net.heal()
+    ok = net.run_until(net.now + 300.0, stop=lambda: net.all_see_all_alive(live))
+    assert ok, f"partition did not re-merge after healing (seed {net.seed})"
