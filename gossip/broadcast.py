@@ -1,7 +1,8 @@
 """Transmit-limited broadcast queue: each message is piggybacked a bounded number of times.
 
-Messages sent fewest times first; a named message replaces a queued one with the same name (a
-newer alive/suspect/dead about a node makes older news about it pointless).
+Messages sent fewest times first (newest first among equals); a named message replaces a queued
+one with the same name (newer news about a node makes older news about it pointless). Items sit in
+one bucket per transmit count, so picking never sorts: gossip calls this for every packet sent.
 """
 
 from __future__ import annotations
@@ -10,61 +11,83 @@ import itertools
 from dataclasses import dataclass
 
 
+MAX_MISSES = 8
+
+
 @dataclass(slots=True)
 class Broadcast:
     msg: bytes
     name: str | None
+    id: int
     transmits: int = 0
-    id: int = 0
 
 
 class BroadcastQueue:
     def __init__(self) -> None:
-        self._items: dict[int, Broadcast] = {}
-        self._by_name: dict[str, int] = {}
+        self._buckets: list[dict[int, Broadcast]] = []
+        self._by_name: dict[str, Broadcast] = {}
+        self._count = 0
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def queue(self, msg: bytes, name: str | None = None) -> None:
         if name is not None:
             old = self._by_name.pop(name, None)
             if old is not None:
-                self._items.pop(old, None)
+                self._remove(old)
         b = Broadcast(msg=msg, name=name, id=next(self._ids))
-        self._items[b.id] = b
+        self._bucket(0)[b.id] = b
+        self._count += 1
         if name is not None:
-            self._by_name[name] = b.id
+            self._by_name[name] = b
 
     def has(self, name: str) -> bool:
         return name in self._by_name
 
     def get(self, overhead: int, limit: int, transmit_limit: int) -> list[bytes]:
-        if not self._items:
+        if not self._count:
             return []
-        # fewest transmits first, then newest first (memberlist's ordering)
-        order = sorted(self._items.values(), key=lambda b: (b.transmits, -b.id))
         out: list[bytes] = []
+        picked: list[Broadcast] = []
         used = 0
-        for b in order:
-            cost = overhead + len(b.msg)
-            if used + cost > limit:
-                continue
-            used += cost
-            out.append(b.msg)
-            b.transmits += 1
-            if b.transmits >= transmit_limit:
-                self._remove(b)
-            if limit - used <= overhead:
+        misses = 0  # stop scanning a long queue once the packet is nearly full
+        for bucket in self._buckets:
+            for b in reversed(bucket.values()):
+                cost = overhead + len(b.msg)
+                if used + cost > limit:
+                    misses += 1
+                    if misses > MAX_MISSES:
+                        break
+                    continue
+                used += cost
+                picked.append(b)
+                out.append(b.msg)
+                if limit - used <= overhead:
+                    break
+            if limit - used <= overhead or misses > MAX_MISSES:
                 break
+        for b in picked:
+            self._remove(b)
+            b.transmits += 1
+            if b.transmits < transmit_limit:
+                self._bucket(b.transmits)[b.id] = b
+                self._count += 1
+            elif b.name is not None and self._by_name.get(b.name) is b:
+                del self._by_name[b.name]
         return out
 
+    def _bucket(self, i: int) -> dict[int, Broadcast]:
+        while len(self._buckets) <= i:
+            self._buckets.append({})
+        return self._buckets[i]
+
     def _remove(self, b: Broadcast) -> None:
-        self._items.pop(b.id, None)
-        if b.name is not None and self._by_name.get(b.name) == b.id:
-            del self._by_name[b.name]
+        if self._buckets[b.transmits].pop(b.id, None) is not None:
+            self._count -= 1
 
     def reset(self) -> None:
-        self._items.clear()
+        self._buckets.clear()
         self._by_name.clear()
+        self._count = 0

@@ -8,6 +8,7 @@ is strict about types so that a malformed packet is rejected here rather than de
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -375,7 +376,16 @@ _DECODERS: dict[int, Any] = {
 
 
 def decode(data: bytes) -> Message:
-    """Decode one plain (unwrapped) UDP message."""
+    """Decode one plain (unwrapped) UDP message.
+
+    Gossip delivers the same bytes many times (every member re-broadcasts news it accepts), and
+    messages are immutable, so recent decodes are cached.
+    """
+    return _decode_cached(bytes(data))
+
+
+@functools.lru_cache(maxsize=8192)
+def _decode_cached(data: bytes) -> Message:
     if not data:
         raise DecodeError("empty message")
     mtype = data[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import ipaddress
 import math
 import random
@@ -73,7 +74,9 @@ def encode_tags(tags: dict[str, str]) -> bytes:
     return bytes((TAGS_MAGIC,)) + pack(dict(sorted(tags.items())))
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_tags(meta: bytes) -> dict[str, str]:
+    """Tags from memberlist Meta. Cached and shared between members: callers must not mutate."""
     if not meta or meta[0] != TAGS_MAGIC:
         return {"role": meta.decode(errors="replace")}
     try:
@@ -587,7 +590,7 @@ class Serf:
             slot = (ltime, [])
             self.event_buffer[idx] = slot
         slot[1].append((name, payload))
-        log.info("gossip.user_event", event=name, ltime=ltime)
+        log.info("gossip.user_event", name=name, ltime=ltime)
         self.events.append(UserEvent(ltime, name, payload, coalesce))
         return True
 

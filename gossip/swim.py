@@ -219,7 +219,7 @@ class Memberlist:
                 self.counters.messages_dropped += 1
                 log.debug("gossip.message_dropped", src=f"{src[0]}:{src[1]}", reason=str(e))
                 continue
-            self._handle(msg, src, now)
+            self._handle(msg, raw, src, now)
 
     def join_state(self, join: bool) -> PushPull:
         """Our side of a push/pull exchange."""
@@ -505,7 +505,8 @@ class Memberlist:
 
     # -- message handling --------------------------------------------------------------------
 
-    def _handle(self, msg: object, src: Address, now: float) -> None:
+    def _handle(self, msg: object, raw: bytes, src: Address, now: float) -> None:
+        """Dispatch one message; `raw` is its encoding, re-gossiped as is when news is new."""
         if isinstance(msg, Ping):
             self._handle_ping(msg, src)
         elif isinstance(msg, Ack):
@@ -517,11 +518,11 @@ class Memberlist:
         elif isinstance(msg, IndirectPing):
             self._handle_indirect(msg, src, now)
         elif isinstance(msg, Alive):
-            self._alive(msg, now)
+            self._alive(msg, now, raw=raw)
         elif isinstance(msg, Suspect):
-            self._suspect(msg, now)
+            self._suspect(msg, now, raw=raw)
         elif isinstance(msg, Dead):
-            self._dead(msg, now)
+            self._dead(msg, now, raw=raw)
         elif isinstance(msg, User):
             if self.delegate is not None and msg.payload:
                 self.delegate.notify_msg(msg.payload, now)
@@ -537,7 +538,9 @@ class Memberlist:
         )
         self._send(dest, Ack(ping.seq_no).encode(), crc=False)
 
-    def _alive(self, a: Alive, now: float, *, bootstrap: bool = False) -> None:
+    def _alive(
+        self, a: Alive, now: float, *, bootstrap: bool = False, raw: bytes | None = None
+    ) -> None:
         if self.leaving and a.node == self.name:
             return
         if len(a.vsn) == 6 and (a.vsn[0] == 0 or a.vsn[1] == 0 or a.vsn[0] > a.vsn[1]):
@@ -583,7 +586,7 @@ class Memberlist:
                 return
             self._refute(node, a.incarnation)
             return
-        self._queue(a.node, a.encode())
+        self._queue(a.node, raw or a.encode())
         node.incarnation = a.incarnation
         node.meta = a.meta
         node.vsn = a.vsn or node.vsn
@@ -596,14 +599,14 @@ class Memberlist:
             elif old_meta != node.meta:
                 self.delegate.notify_update(node, now)
 
-    def _suspect(self, s: Suspect, now: float) -> None:
+    def _suspect(self, s: Suspect, now: float, *, raw: bytes | None = None) -> None:
         node = self.nodes.get(s.node)
         if node is None or s.incarnation < node.incarnation:
             return
         timer = self._suspicions.get(s.node)
         if timer is not None:
             if timer.confirm(s.from_):
-                self._queue(s.node, s.encode())
+                self._queue(s.node, raw or s.encode())
                 self._at(timer.deadline, self._suspicion_fired(s.node, timer))
             return
         if node.state != NodeState.ALIVE:
@@ -612,7 +615,7 @@ class Memberlist:
             self._refute(node, s.incarnation)
             log.warning("gossip.refuting_suspect", accuser=s.from_)
             return
-        self._queue(s.node, s.encode())
+        self._queue(s.node, raw or s.encode())
         node.incarnation = s.incarnation
         node.state = NodeState.SUSPECT
         node.state_change = now
@@ -639,7 +642,7 @@ class Memberlist:
 
         return fire
 
-    def _dead(self, d: Dead, now: float) -> None:
+    def _dead(self, d: Dead, now: float, *, raw: bytes | None = None) -> None:
         node = self.nodes.get(d.node)
         if node is None or d.incarnation < node.incarnation:
             return
@@ -650,7 +653,7 @@ class Memberlist:
             self._refute(node, d.incarnation)
             log.warning("gossip.refuting_dead", accuser=d.from_)
             return
-        self._queue(d.node, d.encode())
+        self._queue(d.node, raw or d.encode())
         node.incarnation = d.incarnation
         node.state = NodeState.LEFT if d.node == d.from_ else NodeState.DEAD
         node.state_change = now

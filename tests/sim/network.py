@@ -7,13 +7,16 @@ pings are modelled as reliable exchanges that fail when either side is cut off.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from gossip.config import GossipConfig
 from gossip.member import MemberEvent, MemberEventType, MemberStatus
 from gossip.serf import Serf
@@ -28,6 +31,7 @@ class SimNode:
     serf: Serf
     crashed: bool = False
     group: int = 0
+    scheduled: float | None = None
     failed_events: list[tuple[float, str]] = field(default_factory=list)
 
 
@@ -41,6 +45,11 @@ class SimNetwork:
         min_delay: float = 0.0005,
         max_delay: float = 0.005,
     ) -> None:
+        # a thousand nodes logging every suspicion would drown the test output and its speed
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            cache_logger_on_first_use=True,
+        )
         self.seed = seed
         self.rng = random.Random(seed)
         self.config = config or GossipConfig.lan()
@@ -112,9 +121,12 @@ class SimNetwork:
     def at(self, when: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._events, (when, next(self._seq), fn))
 
-    def run_until(self, end: float, stop: Callable[[], bool] | None = None) -> bool:
-        """Advance simulated time to `end`; with `stop`, return True as soon as it holds."""
-        check_every = 0
+    def run_until(
+        self, end: float, stop: Callable[[], bool] | None = None, check: float = 0.05
+    ) -> bool:
+        """Advance simulated time to `end`; with `stop`, return True once it holds (checked
+        every `check` simulated seconds)."""
+        next_check = self.now + check
         while True:
             t_ev = self._events[0][0] if self._events else float("inf")
             t_dl = self._deadlines[0][0] if self._deadlines else float("inf")
@@ -127,21 +139,17 @@ class SimNetwork:
                 _, _, fn = heapq.heappop(self._events)
                 fn()
             else:
-                _, _, i = heapq.heappop(self._deadlines)
+                when, _, i = heapq.heappop(self._deadlines)
                 node = self.nodes[i]
-                dl = node.serf.next_deadline()
-                if node.crashed or dl is None or dl > self.now:
-                    if not node.crashed and dl is not None:
-                        heapq.heappush(self._deadlines, (dl, next(self._seq), i))
-                    continue
+                if node.crashed or when != node.scheduled:
+                    continue  # stale entry: an earlier deadline replaced it
+                node.scheduled = None
                 node.serf.tick(self.now)
                 self._service(node)
-            if stop is not None:
-                check_every += 1
-                if check_every >= 2000:
-                    check_every = 0
-                    if stop():
-                        return True
+            if stop is not None and self.now >= next_check:
+                next_check = self.now + check
+                if stop():
+                    return True
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -159,7 +167,8 @@ class SimNetwork:
             if isinstance(ev, MemberEvent) and ev.type == MemberEventType.FAILED:
                 node.failed_events.append((self.now, ev.member.name))
         dl = serf.next_deadline()
-        if dl is not None and not node.crashed:
+        if dl is not None and not node.crashed and (node.scheduled is None or dl < node.scheduled):
+            node.scheduled = dl
             heapq.heappush(self._deadlines, (dl, next(self._seq), node.index))
 
     def _delay(self) -> float:
@@ -202,10 +211,8 @@ class SimNetwork:
                 return
             local = src.serf.memberlist.join_state(join)
             reply = dst.serf.memberlist.join_state(join)
-            try:
+            with contextlib.suppress(ProtocolError):
                 dst.serf.memberlist.merge_push_pull(local, self.now)
-            except ProtocolError:
-                pass
             self._service(dst)
 
             def merge_back() -> None:
