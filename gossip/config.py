@@ -1,4 +1,4 @@
-"""Gossip timings. Defaults equal memberlist's LAN profile so a mixed meshnode/serf cluster agrees."""
+"""Gossip timings. Defaults equal memberlist's LAN profile so mixed meshnode/serf clusters agree."""
 
 from __future__ import annotations
 

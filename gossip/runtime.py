@@ -143,8 +143,12 @@ class GossipRuntime:
         )
         self.serf.start(self._now())
         self._flush()
-        log.info("gossip.started", node=self.name, bind=f"{self.bind_addr}:{port}",
-                 encrypted=self.keyring is not None)
+        log.info(
+            "gossip.started",
+            node=self.name,
+            bind=f"{self.bind_addr}:{port}",
+            encrypted=self.keyring is not None,
+        )
 
     async def shutdown(self) -> None:
         if self._closed:
@@ -389,7 +393,9 @@ class GossipRuntime:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*eff.dest), timeout)
             try:
-                ping = Ping(eff.seq_no, eff.node, serf.memberlist.addr, serf.memberlist.port, self.name)
+                ping = Ping(
+                    eff.seq_no, eff.node, serf.memberlist.addr, serf.memberlist.port, self.name
+                )
                 writer.write(self._encode_stream(ping.encode()))
                 left = max(0.01, eff.deadline - self._now())
                 msg = await asyncio.wait_for(packet.read_stream(reader, self.keyring), left)

@@ -250,7 +250,9 @@ class Serf:
         msg = {"CC": coalesce, "LTime": self.event_clock.time(), "Name": name, "Payload": payload}
         raw = encode_msg(SerfType.USER_EVENT, msg)
         if len(raw) > USER_EVENT_SIZE_LIMIT:
-            raise ValueError(f"encoded user event exceeds the limit of {USER_EVENT_SIZE_LIMIT} bytes")
+            raise ValueError(
+                f"encoded user event exceeds the limit of {USER_EVENT_SIZE_LIMIT} bytes"
+            )
         self.event_clock.increment()
         self._handle_user_event(msg)
         self.event_broadcasts.queue(raw)
@@ -353,7 +355,9 @@ class Serf:
         )
 
     def num_alive(self) -> int:
-        return sum(1 for m in self.members_by_name.values() if m.member.status == MemberStatus.ALIVE)
+        return sum(
+            1 for m in self.members_by_name.values() if m.member.status == MemberStatus.ALIVE
+        )
 
     # -- memberlist delegate ------------------------------------------------------------------
 
@@ -480,8 +484,12 @@ class Serf:
                 for e in sf.get("Events") or []:
                     ef = _fields(e)
                     self._handle_user_event(
-                        {"LTime": slot_ltime, "Name": _text(ef, "Name"), "Payload": _raw(ef, "Payload"),
-                         "CC": False}
+                        {
+                            "LTime": slot_ltime,
+                            "Name": _text(ef, "Name"),
+                            "Payload": _raw(ef, "Payload"),
+                            "CC": False,
+                        }
                     )
             except DecodeError:
                 self.stats["serf_messages_dropped"] += 1
@@ -627,7 +635,7 @@ class Serf:
         timeout = _uint(body, "Timeout", 2**63 - 1) / 1e9
         self.stats["queries_handled"] += 1
         if name.startswith(INTERNAL_PREFIX) and timeout > 0:
-            resp = self._internal_query(name[len(INTERNAL_PREFIX):], _raw(body, "Payload"))
+            resp = self._internal_query(name[len(INTERNAL_PREFIX) :], _raw(body, "Payload"))
             if resp is not None:
                 self._respond(dest, ltime, qid, resp, ack=False)
         return rebroadcast
@@ -661,9 +669,11 @@ class Serf:
             except (ValueError, msgpack.UnpackException):
                 return False
             if f[0] == 0:
-                names = {x.decode(errors="replace") for x in body if isinstance(x, bytes)} if (
-                    isinstance(body, list)
-                ) else set()
+                names = (
+                    {x.decode(errors="replace") for x in body if isinstance(x, bytes)}
+                    if (isinstance(body, list))
+                    else set()
+                )
                 if self.name not in names:
                     return False
             elif f[0] == 1:
@@ -700,7 +710,7 @@ class Serf:
             port = _uint(dest, "Port", 65535)
         except (ValueError, msgpack.UnpackException, msgpack.OutOfData) as e:
             raise DecodeError(str(e)) from e
-        inner = data[up.tell():]
+        inner = data[up.tell() :]
         if len(ip) in (4, 16) and port and inner:
             self.memberlist.send_user((str(ipaddress.ip_address(ip)), port), inner)
 
@@ -713,10 +723,17 @@ class Serf:
                 return None
             m = ms.member
             body = {
-                "Addr": m.addr, "DelegateCur": m.delegate_cur, "DelegateMax": m.delegate_max,
-                "DelegateMin": m.delegate_min, "Name": m.name, "Port": m.port,
-                "ProtocolCur": m.protocol_cur, "ProtocolMax": m.protocol_max,
-                "ProtocolMin": m.protocol_min, "Status": int(m.status), "Tags": m.tags,
+                "Addr": m.addr,
+                "DelegateCur": m.delegate_cur,
+                "DelegateMax": m.delegate_max,
+                "DelegateMin": m.delegate_min,
+                "Name": m.name,
+                "Port": m.port,
+                "ProtocolCur": m.protocol_cur,
+                "ProtocolMax": m.protocol_max,
+                "ProtocolMin": m.protocol_min,
+                "Status": int(m.status),
+                "Tags": m.tags,
             }
             return encode_msg(SerfType.CONFLICT_RESPONSE, body)
         if op in ("install-key", "use-key", "remove-key", "list-keys"):
@@ -771,7 +788,9 @@ class Serf:
 
     def _reconnect_tick(self, now: float) -> None:
         self.memberlist.schedule(now + self.config.reconnect_interval, self._reconnect_tick)
-        failed = [m for m in self.members_by_name.values() if m.member.status == MemberStatus.FAILED]
+        failed = [
+            m for m in self.members_by_name.values() if m.member.status == MemberStatus.FAILED
+        ]
         if not failed or self.leaving:
             return
         alive = max(1, self.num_alive() - 1)

@@ -20,7 +20,7 @@ class Suspicion:
         self.deadline = now + (max_timeout if k >= 1 else min_timeout)
 
     def confirm(self, from_: str) -> bool:
-        """Count a new independent confirmation; True when it was new (and should be re-gossiped)."""
+        """Count an independent confirmation; True when new (it should then be re-gossiped)."""
         if self.n >= self.k or from_ in self.confirmations:
             return False
         self.confirmations.add(from_)

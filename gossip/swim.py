@@ -271,7 +271,10 @@ class Memberlist:
         self.incarnation += 1
         me.meta = meta
         me.incarnation = self.incarnation
-        self._queue(self.name, Alive(self.incarnation, self.name, self.addr, self.port, meta, self.vsn).encode())
+        self._queue(
+            self.name,
+            Alive(self.incarnation, self.name, self.addr, self.port, meta, self.vsn).encode(),
+        )
         if self.delegate:
             self.delegate.notify_update(me, now)
 
@@ -286,8 +289,9 @@ class Memberlist:
 
     def num_alive_peers(self) -> int:
         return sum(
-            1 for n in self.nodes.values() if n.name != self.name and n.state != NodeState.DEAD
-            and n.state != NodeState.LEFT
+            1
+            for n in self.nodes.values()
+            if n.name != self.name and n.state != NodeState.DEAD and n.state != NodeState.LEFT
         )
 
     def send_user(self, dest: Address, payload: bytes) -> None:
@@ -345,7 +349,8 @@ class Memberlist:
         for name in [
             n.name
             for n in self.nodes.values()
-            if n.dead_or_left() and now - n.state_change > self.config.gossip_to_the_dead_time
+            if n.dead_or_left()
+            and now - n.state_change > self.config.gossip_to_the_dead_time
             and n.name != self.name
         ]:
             self._forget(name)
@@ -523,9 +528,8 @@ class Memberlist:
             self._suspect(msg, now, raw=raw)
         elif isinstance(msg, Dead):
             self._dead(msg, now, raw=raw)
-        elif isinstance(msg, User):
-            if self.delegate is not None and msg.payload:
-                self.delegate.notify_msg(msg.payload, now)
+        elif isinstance(msg, User) and self.delegate is not None and msg.payload:
+            self.delegate.notify_msg(msg.payload, now)
 
     def _handle_ping(self, ping: Ping, src: Address) -> None:
         if ping.node and ping.node != self.name:

@@ -57,9 +57,7 @@ def test_crashed_node_is_marked_failed_everywhere(cluster: SimNetwork) -> None:
     victim = net.nodes[net.rng.randrange(1, N)]
     net.crash(victim)
     t0 = net.now
-    ok = net.run_until(
-        t0 + 120.0, stop=lambda: net.all_see(victim.name, {MemberStatus.FAILED})
-    )
+    ok = net.run_until(t0 + 120.0, stop=lambda: net.all_see(victim.name, {MemberStatus.FAILED}))
     assert ok, f"{victim.name} not seen failed everywhere (seed {net.seed})"
     # memberlist's bound: suspicion max timeout (6 x 4 x log10(n) s) plus dissemination
     assert net.now - t0 < 6 * 4 * 3 + 20, f"detection took {net.now - t0:.1f}s (seed {net.seed})"
@@ -88,8 +86,10 @@ def test_healed_partition_remerges(cluster: SimNetwork) -> None:
     # each side sees the other as failed
     ok = net.run_until(
         net.now + 200.0,
-        stop=lambda: net.all_see(side_b[0].name, {MemberStatus.FAILED}, side_a)
-        and net.all_see(side_a[0].name, {MemberStatus.FAILED}, side_b),
+        stop=lambda: (
+            net.all_see(side_b[0].name, {MemberStatus.FAILED}, side_a)
+            and net.all_see(side_a[0].name, {MemberStatus.FAILED}, side_b)
+        ),
     )
     assert ok, f"partition not detected (seed {net.seed})"
     net.heal()

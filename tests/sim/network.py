@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
 from gossip.config import GossipConfig
 from gossip.member import MemberEvent, MemberEventType, MemberStatus
 from gossip.serf import Serf
@@ -178,8 +179,10 @@ class SimNetwork:
         self.packets += 1
         self.bytes += len(data)
         dst = self.by_addr.get(dest)
-        if dst is None or not self.reachable(src, dst) or (
-            self.loss and self.rng.random() < self.loss
+        if (
+            dst is None
+            or not self.reachable(src, dst)
+            or (self.loss and self.rng.random() < self.loss)
         ):
             self.packets_dropped += 1
             return
@@ -262,8 +265,9 @@ class SimNetwork:
                     return False
         return True
 
-    def all_see(self, name: str, statuses: set[MemberStatus], nodes: list[SimNode] | None = None
-                ) -> bool:
+    def all_see(
+        self, name: str, statuses: set[MemberStatus], nodes: list[SimNode] | None = None
+    ) -> bool:
         for n in nodes or self.live():
             if n.name == name:
                 continue
