@@ -213,7 +213,7 @@ def encode_udp(msg: bytes, *, crc: bool, compress: bool, keyring: Keyring | None
 
 @dataclass(slots=True)
 class Decoded:
-    """A datagram's plain messages (type byte first, in wire order) and dropped-part count."""
+    """A datagram's plain messages (type byte first, wire order), truncated parts, label."""
 
     messages: list[bytes] = field(default_factory=list)
     truncated: int = 0
@@ -292,9 +292,9 @@ def encode_stream(msg: bytes, *, compress: bool, keyring: Keyring | None) -> byt
     return msg
 
 
-# msgpack lead bytes 0xc4..0xdf: how to find the value's extent.
-#   ("fixed", n): n more bytes; ("data", n, extra): n-byte length, then length + extra bytes;
-#   ("items", n, per): n-byte count, then count * per values.
+# How far a msgpack value with lead byte 0xc4..0xdf extends. _FIXED: that many more bytes.
+# _SIZED: (w, extra): a w-byte big-endian length, then length + extra bytes.
+# _ITEMS: (w, per): a w-byte count, then count * per nested values (arrays 1, maps 2).
 _FIXED: dict[int, int] = {
     0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,
     0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,
