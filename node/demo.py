@@ -25,8 +25,20 @@ DEMO_PORT = 8080
 
 
 def _start_agent(name: str, ip: str, data: Path, join: str | None) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "node", "agent", "--node", name, "--bind", ip, "--client", ip,
-            "--data-dir", str(data / name)]
+    argv = [
+        sys.executable,
+        "-m",
+        "node",
+        "agent",
+        "--node",
+        name,
+        "--bind",
+        ip,
+        "--client",
+        ip,
+        "--data-dir",
+        str(data / name),
+    ]
     if join:
         argv += ["--join", join]
     log = open(data / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
@@ -76,7 +88,8 @@ def main() -> int:
         if not _wait_converged(20):
             print(f"the cluster did not form; logs are in {data}", file=sys.stderr)
             return 1
-        print(f"""
+        print(
+            f"""
 meshnode demo: 3 agents on 127.0.0.1-3 (gossip :8301, HTTP :8500), demo web service on
 http://127.0.0.1:{DEMO_PORT}/ . Logs and data: {data}
 
@@ -89,7 +102,9 @@ Try, in another terminal (source .venv/bin/activate first):
   curl -s http://127.0.0.1:{DEMO_PORT}/
 
 Ctrl-C stops everything (each agent leaves gracefully).
-""", flush=True)
+""",
+            flush=True,
+        )
         stop = asyncio.Event()
 
         async def run() -> None:

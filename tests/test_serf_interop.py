@@ -21,7 +21,6 @@ import pytest
 from tests.harness.agents import (
     STATUS_ALIVE,
     STATUS_FAILED,
-    STATUS_LEFT,
     AgentProc,
     SerfProc,
     free_port,
@@ -112,7 +111,9 @@ def test_mixed_cluster_membership_events_failures_and_leave(
     )  # fmt: skip
     out = meshnode_cli(m1, "event", "rollout", "v2")
     assert out.returncode == 0, out.stderr
-    wait_until(lambda: "user-event: rollout" in s2.log_text(), 10, desc="serf2 gets rollout")
+    # Consul fires its events as serf user events named "consul:event:<name>"; so do we
+    wait_until(lambda: "user-event: consul:event:rollout" in s2.log_text(), 10,
+               desc="serf2 gets rollout")
 
     # kill -9 of a serf agent: meshnode marks it failed; of a meshnode agent: serf does
     s2.kill9()

@@ -1,0 +1,1 @@
+"""meshnode's HTTP interfaces: the Consul-compatible API lives in node.api.http."""

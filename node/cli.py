@@ -1,0 +1,388 @@
+"""The `meshnode` command line: `agent` runs an agent; the rest talk to one over its HTTP API.
+
+Usage errors (bad flags, bad config) print one line, `meshnode: error: <field>: <problem>`, and
+exit 2. Runtime failures (agent unreachable, join failed, agent cannot start) exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Coroutine, Sequence
+from typing import Any, NoReturn
+
+from gossip.keyring import KeyringError, generate_key, parse_key
+from node.config import FIELDS, LOG_LEVELS, ConfigError, load_config
+
+__all__ = ["DEFAULT_HTTP_ADDR", "AgentClient", "ClientError", "main"]
+
+PROG = "meshnode"
+DEFAULT_HTTP_ADDR = "http://127.0.0.1:8500"
+HTTP_ADDR_ENV = "MESHNODE_HTTP_ADDR"
+STATUS_LABELS = {0: "none", 1: "alive", 2: "leaving", 3: "left", 4: "failed"}
+
+
+class UsageError(Exception):
+    """Bad command line: one line on stderr, exit 2."""
+
+
+class ClientError(Exception):
+    """A failed conversation with an agent: one line on stderr, exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# ----- HTTP client for the non-agent commands -----
+
+
+def normalize_http_addr(addr: str) -> str:
+    addr = addr.strip()
+    if "://" not in addr:
+        addr = "http://" + addr
+    parsed = urllib.parse.urlsplit(addr)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"--http-addr: must be http://host:port, got {addr!r}")
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise UsageError(f"--http-addr: invalid port in {addr!r}") from None
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+class AgentClient:
+    """Tiny synchronous client: the CLI makes one or two calls, urllib is plenty."""
+
+    def __init__(self, base: str, timeout: float = 15.0) -> None:
+        self.base = base
+        self.timeout = timeout
+        # The agent is local; HTTP(S)_PROXY settings must not reroute these calls.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> bytes:
+        req = urllib.request.Request(self.base + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                return bytes(resp.read())
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace").strip()
+            raise ClientError(f"agent returned {e.code}: {text or e.reason}") from None
+        except urllib.error.URLError as e:
+            raise ClientError(f"cannot reach agent at {self.base}: {_reason(e.reason)}") from None
+        except TimeoutError:
+            raise ClientError(f"cannot reach agent at {self.base}: timed out") from None
+        except OSError as e:
+            raise ClientError(f"cannot reach agent at {self.base}: {_reason(e)}") from None
+
+    def get_json(self, path: str) -> Any:
+        raw = self.request("GET", path)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ClientError(f"agent sent invalid JSON for {path}") from None
+
+
+def _reason(reason: object) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError):
+        return "timed out"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve host ({reason.strerror})"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason)
+
+
+def _client(ns: argparse.Namespace, timeout: float = 15.0) -> AgentClient:
+    addr = ns.http_addr or os.environ.get(HTTP_ADDR_ENV) or DEFAULT_HTTP_ADDR
+    return AgentClient(normalize_http_addr(addr), timeout)
+
+
+# ----- commands -----
+
+
+def cmd_agent(ns: argparse.Namespace) -> int:
+    from node.agent import Agent, AgentError
+    from node.log import bind_context, setup_logging
+
+    given = {k: v for k, v in vars(ns).items() if k in FIELDS or k == "config_file"}
+    try:
+        config = load_config(given, os.environ)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    setup_logging(config.log_level, config.log_json)
+    bind_context(agent=config.node)
+    agent = Agent(config)
+    try:
+        return _run_async(agent.run())
+    except AgentError as e:
+        raise ClientError(str(e)) from None
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where available (Linux); the stdlib loop otherwise."""
+    loop_factory = None
+    if sys.platform == "linux":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
+def format_members(members: list[dict[str, Any]]) -> str:
+    """`consul members -detailed` style: Node, Address, Status, Tags in aligned columns."""
+    rows = [["Node", "Address", "Status", "Tags"]]
+    for m in sorted(members, key=lambda m: str(m.get("Name", ""))):
+        tags = m.get("Tags") or {}
+        status = m.get("Status")
+        rows.append(
+            [
+                str(m.get("Name", "")),
+                f"{m.get('Addr', '')}:{m.get('Port', '')}",
+                STATUS_LABELS.get(status, str(status)) if isinstance(status, int) else str(status),
+                ",".join(f"{k}={v}" for k, v in sorted(tags.items())),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]) for r in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_members(ns: argparse.Namespace) -> int:
+    members = _client(ns).get_json("/v1/agent/members")
+    if not isinstance(members, list):
+        raise ClientError("agent sent an unexpected members response")
+    if ns.format == "json":
+        print(json.dumps(members, indent=2, sort_keys=True))
+    else:
+        print(format_members(members))
+    return 0
+
+
+def cmd_join(ns: argparse.Namespace) -> int:
+    client = _client(ns, timeout=30.0)
+    joined = 0
+    for addr in ns.addresses:
+        try:
+            client.request("PUT", "/v1/agent/join/" + urllib.parse.quote(addr, safe=":/[]"))
+        except ClientError as e:
+            if "cannot reach agent" in str(e):
+                raise
+            print(f"{PROG}: error: joining {addr}: {e}", file=sys.stderr)
+            continue
+        joined += 1
+    if joined == 0:
+        return 1
+    print(f"Successfully joined cluster by contacting {joined} nodes.")
+    return 0
+
+
+def cmd_leave(ns: argparse.Namespace) -> int:
+    _client(ns, timeout=60.0).request("PUT", "/v1/agent/leave")
+    print("Graceful leave complete")
+    return 0
+
+
+def cmd_keygen(ns: argparse.Namespace) -> int:
+    print(generate_key())
+    return 0
+
+
+def _checked_key(flag: str, key: str) -> str:
+    try:
+        parse_key(key)
+    except (KeyringError, ValueError) as e:
+        raise UsageError(f"{flag}: {e}") from None
+    return key
+
+
+_KEYRING_OPS = (
+    ("--install", "POST", "Installing new gossip encryption key"),
+    ("--use", "PUT", "Changing primary gossip encryption key"),
+    ("--remove", "DELETE", "Removing gossip encryption key"),
+)
+
+
+def cmd_keyring(ns: argparse.Namespace) -> int:
+    client = _client(ns, timeout=30.0)
+    if ns.list:
+        print("==> Gathering installed encryption keys...")
+        pools = client.get_json("/v1/operator/keyring")
+        for pool in pools if isinstance(pools, list) else []:
+            n = pool.get("NumNodes", 0)
+            name = "WAN" if pool.get("WAN") else f"{pool.get('Datacenter', '')} (LAN)"
+            print(f"\n{name}:")
+            for key, count in sorted((pool.get("Keys") or {}).items()):
+                print(f"  {key} [{count}/{n}]")
+            primaries = pool.get("PrimaryKeys") or {}
+            if primaries:
+                print("Primary key:")
+                for key, count in sorted(primaries.items()):
+                    print(f"  {key} [{count}/{n}]")
+            for node, msg in sorted((pool.get("Messages") or {}).items()):
+                print(f"  {node}: {msg}")
+        return 0
+    flag, method, banner = next(op for op in _KEYRING_OPS if getattr(ns, op[0][2:]) is not None)
+    key = getattr(ns, flag[2:])
+    body = json.dumps({"Key": _checked_key(flag, key)}).encode()
+    print(f"==> {banner}...")
+    client.request(method, "/v1/operator/keyring", body)
+    return 0
+
+
+def cmd_event(ns: argparse.Namespace) -> int:
+    if not ns.name:
+        raise UsageError("event: a name is required")
+    query = {k: v for k, v in (("node", ns.node), ("service", ns.service), ("tag", ns.tag)) if v}
+    if query.get("tag") and not query.get("service"):
+        raise UsageError("--tag: cannot be used without --service")
+    path = "/v1/event/fire/" + urllib.parse.quote(ns.name, safe="")
+    if query:
+        path += "?" + urllib.parse.urlencode(query)
+    payload = ns.payload.encode() if ns.payload else b""
+    raw = _client(ns).request("PUT", path, payload)
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        raise ClientError("agent sent invalid JSON for the fired event") from None
+    print(f"Event ID: {event.get('ID', '')}")
+    return 0
+
+
+# ----- parser -----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="meshnode: a decentralized, Consul-compatible agent")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    agent = sub.add_parser("agent", help="run an agent")
+    s = argparse.SUPPRESS
+    agent.add_argument("--node", default=s, help="node name (default: host name)")
+    agent.add_argument("--data-dir", default=s, help="state directory (required unless --dev)")
+    agent.add_argument("--bind", default=s, help="gossip and server RPC address (0.0.0.0)")
+    agent.add_argument("--advertise", default=s, help="address peers use to reach us")
+    agent.add_argument("--client", default=s, help="HTTP (and later DNS) address (127.0.0.1)")
+    agent.add_argument("--serf-port", default=s, help="gossip port, UDP+TCP (8301)")
+    agent.add_argument("--server-port", default=s, help="server RPC port (8300)")
+    agent.add_argument("--http-port", default=s, help="HTTP API port (8500)")
+    agent.add_argument("--dns-port", default=s, help="DNS port (8600)")
+    agent.add_argument(
+        "--join",
+        action="append",
+        default=s,
+        metavar="HOST[:PORT]",
+        help="join at start; failure aborts the start (repeatable)",
+    )
+    agent.add_argument(
+        "--retry-join",
+        action="append",
+        default=s,
+        metavar="HOST[:PORT]",
+        help="join in the background until it works (repeatable)",
+    )
+    agent.add_argument("--retry-interval", default=s, help="retry-join interval (30s)")
+    agent.add_argument(
+        "--encrypt",
+        default=s,
+        metavar="BASE64KEY",
+        help="gossip encryption key (seeds the keyring on first start)",
+    )
+    agent.add_argument("--discover", default=s, metavar="mdns", help="LAN auto-discovery method")
+    agent.add_argument(
+        "--config-file",
+        action="append",
+        default=s,
+        metavar="FILE",
+        help="JSON or TOML config file (repeatable, later wins)",
+    )
+    agent.add_argument(
+        "--dev", action="store_true", default=s, help="development mode: in-memory, loopback only"
+    )
+    agent.add_argument("--datacenter", default=s, help="datacenter name (dc1)")
+    agent.add_argument(
+        "--log-level", default=s, metavar="|".join(LOG_LEVELS), help="log level (info)"
+    )
+    agent.add_argument("--log-json", action="store_true", default=s, help="JSON log lines")
+    agent.set_defaults(func=cmd_agent)
+
+    http_parent = _Parser(add_help=False)
+    http_parent.add_argument(
+        "--http-addr",
+        default=None,
+        help=f"agent HTTP API (env {HTTP_ADDR_ENV}, default {DEFAULT_HTTP_ADDR})",
+    )
+
+    p = sub.add_parser("members", parents=[http_parent], help="list cluster members")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_members)
+
+    p = sub.add_parser("join", parents=[http_parent], help="tell the agent to join a cluster")
+    p.add_argument("addresses", nargs="+", metavar="HOST[:PORT]")
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("leave", parents=[http_parent], help="gracefully leave and stop the agent")
+    p.set_defaults(func=cmd_leave)
+
+    p = sub.add_parser("keygen", help="print a new gossip encryption key")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("keyring", parents=[http_parent], help="manage gossip encryption keys")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--list", action="store_true", help="list installed keys")
+    group.add_argument("--install", metavar="KEY", help="install a key on every node")
+    group.add_argument("--use", metavar="KEY", help="make an installed key the primary")
+    group.add_argument("--remove", metavar="KEY", help="remove a key from every node")
+    p.set_defaults(func=cmd_keyring)
+
+    p = sub.add_parser("event", parents=[http_parent], help="fire a user event")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("payload", nargs="?", default="", metavar="PAYLOAD")
+    p.add_argument("--node", default="", help="regexp of node names that handle it")
+    p.add_argument("--service", default="", help="regexp of services that handle it")
+    p.add_argument("--tag", default="", help="regexp of service tags (needs --service)")
+    p.set_defaults(func=cmd_event)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        return int(ns.func(ns))
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except ClientError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
