@@ -98,7 +98,7 @@ Try, in another terminal (source .venv/bin/activate first):
   curl -s http://127.0.0.1:8500/v1/agent/members
   meshnode event deploy v2 && curl -s http://127.0.0.2:8500/v1/event/list
   meshnode members --http-addr http://127.0.0.3:8500
-  kill -9 <pid of node3>   # pids: {", ".join(f"{n}={p.pid}" for (n, _), p in zip(NODES, procs))}
+  kill -9 {procs[2].pid}        # node3: the others see it failed within seconds
   curl -s http://127.0.0.1:{DEMO_PORT}/
 
 Ctrl-C stops everything (each agent leaves gracefully).

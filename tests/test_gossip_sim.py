@@ -77,21 +77,22 @@ def test_packet_loss_never_kills_a_healthy_node(cluster: SimNetwork) -> None:
 
 
 def test_healed_partition_remerges(cluster: SimNetwork) -> None:
-    """A tenth of the cluster is cut off, each side sees the other failed, then it heals."""
+    """A tenth of the cluster is cut off and seen failed; after healing, all are alive again."""
     net = cluster
     live = net.live()
+    cut = [n for n in live if n.index % 10 == 3]
+    rest = [n for n in live if n.index % 10 != 3]
     net.partition(lambda n: int(n.index % 10 == 3))
-    side_a = [n for n in live if n.index % 10 != 3]
-    side_b = [n for n in live if n.index % 10 == 3]
-    # each side sees the other as failed
     ok = net.run_until(
-        net.now + 200.0,
-        stop=lambda: (
-            net.all_see(side_b[0].name, {MemberStatus.FAILED}, side_a)
-            and net.all_see(side_a[0].name, {MemberStatus.FAILED}, side_b)
-        ),
+        net.now + 120.0,
+        stop=lambda: all(net.all_see(c.name, {MemberStatus.FAILED}, rest) for c in cut[:5]),
+        check=1.0,
     )
-    assert ok, f"partition not detected (seed {net.seed})"
+    assert ok, f"the majority did not see the cut-off nodes fail (seed {net.seed})"
+    assert any(
+        ms.member.status == MemberStatus.FAILED
+        for ms in cut[0].serf.members_by_name.values()
+    ), f"the cut-off side saw no failures (seed {net.seed})"
     net.heal()
-    ok = net.run_until(net.now + 300.0, stop=lambda: net.all_see_all_alive(live))
+    ok = net.run_until(net.now + 300.0, stop=lambda: net.all_see_all_alive(live), check=1.0)
     assert ok, f"partition did not re-merge after healing (seed {net.seed})"
