@@ -171,9 +171,23 @@ class GossipRuntime:
 
     # -- public API ---------------------------------------------------------------------------
 
-    async def join(self, addrs: list[str]) -> int:
+    async def join(self, addrs: list[str], *, replay_events: bool = False) -> int:
+        """Join through each address; old user events are not replayed unless asked."""
         serf = self._core()
         errors: list[str] = []
+        joined = 0
+        serf.event_join_ignore = not replay_events
+        try:
+            joined = await self._join_each(addrs, errors)
+        finally:
+            serf.event_join_ignore = False
+        if joined == 0:
+            raise GossipError("; ".join(errors) or "no addresses given")
+        serf.joined(self._now())
+        self._flush()
+        return joined
+
+    async def _join_each(self, addrs: list[str], errors: list[str]) -> int:
         joined = 0
         for spec in addrs:
             try:
@@ -187,10 +201,6 @@ class GossipRuntime:
             except (OSError, GossipError, TimeoutError, packet.PacketError, DecodeError) as e:
                 errors.append(f"{spec}: {e or type(e).__name__}")
                 log.warning("gossip.join_failed", address=spec, error=str(e) or type(e).__name__)
-        if joined == 0:
-            raise GossipError("; ".join(errors) or "no addresses given")
-        serf.joined(self._now())
-        self._flush()
         return joined
 
     async def leave(self) -> None:

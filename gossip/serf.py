@@ -179,6 +179,10 @@ class Serf:
         self.query_broadcasts = BroadcastQueue()
         self.pending_queries: dict[int, PendingQuery] = {}
         self.leaving = False
+        # While set, a join push/pull tells us to ignore events older than the peer's clock:
+        # joining a cluster should not replay its history (serf's default, as Consul joins).
+        self.event_join_ignore = False
+        self.event_min_time = 0
         self.events: list[GossipEvent] = []
         self.stats: dict[str, int] = {"serf_messages_dropped": 0, "queries_handled": 0}
         self.memberlist = Memberlist(
@@ -419,6 +423,11 @@ class Serf:
             out.extend(q.get(overhead, limit - used, tx))
         return out
 
+    def has_broadcasts(self) -> bool:
+        return bool(
+            len(self.intent_broadcasts) or len(self.event_broadcasts) or len(self.query_broadcasts)
+        )
+
     def local_state(self, join: bool) -> bytes:
         events = [
             {"Events": [{"Name": n, "Payload": p} for n, p in evs], "LTime": lt}
@@ -463,6 +472,8 @@ class Serf:
             self.event_clock.witness(event_ltime - 1)
         if query_ltime > 0:
             self.query_clock.witness(query_ltime - 1)
+        if join and self.event_join_ignore:
+            self.event_min_time = max(self.event_min_time, event_ltime)
         times: dict[str, int] = {}
         for k, v in status.items():
             if isinstance(k, bytes) and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
@@ -586,6 +597,8 @@ class Serf:
         payload = _raw(body, "Payload")
         coalesce = bool(body.get("CC", False))
         self.event_clock.witness(ltime)
+        if ltime < self.event_min_time:
+            return False
         cur = self.event_clock.time()
         if cur > EVENT_BUFFER and ltime < cur - EVENT_BUFFER:
             return False
@@ -793,7 +806,7 @@ class Serf:
         ]
         if not failed or self.leaving:
             return
-        alive = max(1, self.num_alive() - 1)
+        alive = max(1, self.num_alive())
         if self.rng.random() > len(failed) / alive:
             return
         target = self.rng.choice(failed).member

@@ -182,3 +182,32 @@ async def test_key_rotation_cluster_wide(runtimes: list[GossipRuntime], tmp_path
         ),
         what="event under new key",
     )
+
+
+@pytest.mark.parametrize("replay", [False, True])
+async def test_join_does_not_replay_old_events_unless_asked(
+    runtimes: list[GossipRuntime], replay: bool
+) -> None:
+    a, b, late = make("a"), make("b"), make("late")
+    runtimes += [a, b, late]
+    for rt in runtimes:
+        await rt.start()
+    await b.join([f"127.0.0.1:{a.bind_port}"])
+    await a.user_event("old", b"1")
+    # let "old" finish its gossip rounds first: an event still in flight reaches anyone
+    await until(lambda: a.serf is not None and not a.serf.has_broadcasts()
+                and b.serf is not None and not b.serf.has_broadcasts(), what="old sent")
+    events = late.subscribe()
+    await late.join([f"127.0.0.1:{a.bind_port}"], replay_events=replay)
+    await until(lambda: status(late, "a") == MemberStatus.ALIVE, what="join")
+    await a.user_event("new", b"2")
+    seen: list[str] = []
+
+    async def recv() -> None:
+        while "new" not in seen:
+            ev = await events.get()
+            if isinstance(ev, UserEvent):
+                seen.append(ev.name)
+
+    await asyncio.wait_for(recv(), 5)
+    assert ("old" in seen) == replay, seen
