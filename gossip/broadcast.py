@@ -2,11 +2,13 @@
 
 Messages sent fewest times first (newest first among equals); a named message replaces a queued
 one with the same name (newer news about a node makes older news about it pointless). Items sit in
-one bucket per transmit count, so picking never sorts: gossip calls this for every packet sent.
+one bucket per transmit count, each kept ordered by age, so picking never sorts: gossip calls this
+for every packet sent.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
 
@@ -23,7 +25,9 @@ class Broadcast:
 
 class BroadcastQueue:
     def __init__(self) -> None:
-        self._buckets: list[dict[int, Broadcast]] = []
+        # bucket i: ids of the items sent i times, ascending (oldest first); items by id
+        self._buckets: list[list[int]] = []
+        self._items: dict[int, Broadcast] = {}
         self._by_name: dict[str, Broadcast] = {}
         self._count = 0
         self._ids = itertools.count(1)
@@ -37,7 +41,8 @@ class BroadcastQueue:
             if old is not None:
                 self._remove(old)
         b = Broadcast(msg=msg, name=name, id=next(self._ids))
-        self._bucket(0)[b.id] = b
+        self._bucket(0).append(b.id)  # ids only grow: appending keeps the order
+        self._items[b.id] = b
         self._count += 1
         if name is not None:
             self._by_name[name] = b
@@ -53,7 +58,8 @@ class BroadcastQueue:
         used = 0
         misses = 0  # stop scanning a long queue once the packet is nearly full
         for bucket in self._buckets:
-            for b in reversed(bucket.values()):
+            for bid in reversed(bucket):
+                b = self._items[bid]
                 cost = overhead + len(b.msg)
                 if used + cost > limit:
                     misses += 1
@@ -71,22 +77,27 @@ class BroadcastQueue:
             self._remove(b)
             b.transmits += 1
             if b.transmits < transmit_limit:
-                self._bucket(b.transmits)[b.id] = b
+                bisect.insort(self._bucket(b.transmits), b.id)
+                self._items[b.id] = b
                 self._count += 1
             elif b.name is not None and self._by_name.get(b.name) is b:
                 del self._by_name[b.name]
         return out
 
-    def _bucket(self, i: int) -> dict[int, Broadcast]:
+    def _bucket(self, i: int) -> list[int]:
         while len(self._buckets) <= i:
-            self._buckets.append({})
+            self._buckets.append([])
         return self._buckets[i]
 
     def _remove(self, b: Broadcast) -> None:
-        if self._buckets[b.transmits].pop(b.id, None) is not None:
-            self._count -= 1
+        if self._items.pop(b.id, None) is None:
+            return
+        bucket = self._buckets[b.transmits]
+        del bucket[bisect.bisect_left(bucket, b.id)]
+        self._count -= 1
 
     def reset(self) -> None:
         self._buckets.clear()
+        self._items.clear()
         self._by_name.clear()
         self._count = 0

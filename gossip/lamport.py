@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MAX = 0xFFFFFFFFFFFFFFFF  # uint64 on the wire; wraps as Go's does
+
 
 class LamportClock:
     def __init__(self) -> None:
@@ -11,9 +13,9 @@ class LamportClock:
         return self.counter
 
     def increment(self) -> int:
-        self.counter += 1
+        self.counter = (self.counter + 1) & MAX
         return self.counter
 
     def witness(self, v: int) -> None:
         if v >= self.counter:
-            self.counter = v + 1
+            self.counter = (v + 1) & MAX

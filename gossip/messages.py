@@ -55,7 +55,13 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=True, strict_map_key=False)
+    """Unpack one value; any malformed input (including unhashable map keys) is a DecodeError."""
+    try:
+        return msgpack.unpackb(data, raw=True, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(f"bad msgpack: {e}") from e
 
 
 def encode(mtype: MessageType, body: dict[str, Any]) -> bytes:
@@ -437,7 +443,7 @@ def decode_push_pull(data: bytes) -> PushPull:
         join = _bool(head, "Join")
         nodes = [PushNodeState.from_fields(_fields(up.unpack())) for _ in range(count)]
         user_state = bytes(up.read_bytes(user_len))
-    except (ValueError, msgpack.UnpackException, msgpack.OutOfData) as e:
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as e:
         if isinstance(e, DecodeError):
             raise
         raise DecodeError(f"bad push/pull stream: {e}") from e

@@ -108,7 +108,8 @@ class GossipRuntime:
         self.serf: Serf | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # uvloop's near-immediate handles don't expose when()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscribers: list[asyncio.Queue[GossipEvent]] = []
         self._inbound = asyncio.Semaphore(MAX_INBOUND_STREAMS)
@@ -305,12 +306,13 @@ class GossipRuntime:
             return
         deadline = serf.next_deadline()
         if self._timer is not None:
-            if deadline is not None and abs(self._timer.when() - deadline) < 1e-6:
+            if deadline is not None and abs(self._timer_at - deadline) < 1e-6:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
             self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -484,7 +486,7 @@ def _user_stream_payload(msg: bytes) -> bytes:
     up.feed(msg[1:])
     try:
         head = _fields(up.unpack())
-    except (ValueError, msgpack.UnpackException, msgpack.OutOfData) as e:
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as e:
         raise DecodeError(str(e)) from e
     n = head.get("UserMsgLen", 0)
     if not isinstance(n, int) or n < 0:

@@ -324,6 +324,8 @@ class Serf:
                     if not raw or raw[0] != SerfType.KEY_RESPONSE:
                         raise DecodeError("not a key response")
                     f = _fields(unpack(raw[1:]))
+                    if not isinstance(f.get("Keys") or [], list):
+                        raise DecodeError("Keys: expected a list")
                 except (DecodeError, ValueError, msgpack.UnpackException):
                     resp.num_err += 1
                     resp.messages[node] = "failed to decode key response"
@@ -481,7 +483,12 @@ class Serf:
         left_names = {x.decode(errors="replace") for x in left if isinstance(x, bytes)}
         for name in left_names:
             self._handle_leave_intent(
-                {"LTime": times.get(name, 0) + 1, "Node": name, "Prune": False}, now
+                {
+                    "LTime": (times.get(name, 0) + 1) & 0xFFFFFFFFFFFFFFFF,
+                    "Node": name,
+                    "Prune": False,
+                },
+                now,
             )
         for name, lt in times.items():
             if name not in left_names:
@@ -492,7 +499,10 @@ class Serf:
             try:
                 sf = _fields(slot)
                 slot_ltime = _uint(sf, "LTime")
-                for e in sf.get("Events") or []:
+                slot_events = sf.get("Events") or []
+                if not isinstance(slot_events, list):
+                    raise DecodeError("Events: expected a list")
+                for e in slot_events:
                     ef = _fields(e)
                     self._handle_user_event(
                         {
@@ -721,7 +731,7 @@ class Serf:
             dest = _fields(head.get("DestAddr") or {})
             ip = _raw(dest, "IP")
             port = _uint(dest, "Port", 65535)
-        except (ValueError, msgpack.UnpackException, msgpack.OutOfData) as e:
+        except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as e:
             raise DecodeError(str(e)) from e
         inner = data[up.tell() :]
         if len(ip) in (4, 16) and port and inner:

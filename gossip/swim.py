@@ -25,6 +25,7 @@ from gossip.broadcast import BroadcastQueue
 from gossip.config import GossipConfig, push_pull_scale, retransmit_limit, suspicion_timeout
 from gossip.keyring import Keyring
 from gossip.messages import (
+    MAX_UINT32,
     Ack,
     Alive,
     Dead,
@@ -208,12 +209,13 @@ class Memberlist:
     def receive_packet(self, data: bytes, src: Address, now: float) -> None:
         self.counters.packets_received += 1
         try:
-            parts = packet.decode_udp(data, self.keyring)
+            decoded = packet.decode_packet(data, self.keyring)
         except packet.PacketError as e:
             self.counters.packets_dropped += 1
             log.debug("gossip.packet_dropped", src=f"{src[0]}:{src[1]}", reason=str(e))
             return
-        for raw in parts:
+        self.counters.messages_dropped += decoded.truncated
+        for raw in decoded.messages:
             try:
                 msg = decode(raw)
             except DecodeError as e:
@@ -269,7 +271,7 @@ class Memberlist:
         """Re-announce ourselves with fresh delegate meta (tags changed)."""
         me = self.nodes[self.name]
         meta = self.delegate.node_meta(packet_meta_limit()) if self.delegate else b""
-        self.incarnation += 1
+        self.incarnation = (self.incarnation + 1) & MAX_UINT32
         me.meta = meta
         me.incarnation = self.incarnation
         self._queue(
@@ -460,7 +462,8 @@ class Memberlist:
         dead_time = self.config.gossip_to_the_dead_time
         peers = self._k_random(
             self.config.gossip_nodes,
-            lambda x: x.dead_or_left() and now - x.state_change > dead_time,
+            lambda x: x.state == NodeState.LEFT
+            or (x.state == NodeState.DEAD and now - x.state_change > dead_time),
         )
         budget = self.config.udp_buffer_size - packet.COMPOUND_OVERHEAD
         if self.keyring is not None:
@@ -669,7 +672,7 @@ class Memberlist:
 
     def _refute(self, me: NodeInfo, accused: int) -> None:
         self.counters.refutes += 1
-        self.incarnation = max(self.incarnation + 1, accused + 1)
+        self.incarnation = max(self.incarnation + 1, accused + 1) & MAX_UINT32
         me.incarnation = self.incarnation
         self.awareness.apply(1)
         a = Alive(self.incarnation, self.name, self.addr, self.port, me.meta, self.vsn)
