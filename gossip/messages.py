@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import msgpack
 
@@ -246,37 +246,34 @@ class Nack:
 
 
 @dataclass(frozen=True, slots=True)
-class Suspect:
+class _Accusation:
+    """suspect and dead share one body: who accuses which node, at which incarnation."""
+
     incarnation: int
     node: str
     from_: str
+    TYPE: ClassVar[MessageType]
 
     def encode(self) -> bytes:
         return encode(
-            MessageType.SUSPECT,
-            {"From": self.from_, "Incarnation": self.incarnation, "Node": self.node},
+            self.TYPE, {"From": self.from_, "Incarnation": self.incarnation, "Node": self.node}
         )
 
     @classmethod
-    def from_fields(cls, f: dict[str, Any]) -> Suspect:
+    def from_fields(cls, f: dict[str, Any]) -> Self:
         return cls(incarnation=_int(f, "Incarnation"), node=_str(f, "Node"), from_=_str(f, "From"))
 
 
-@dataclass(frozen=True, slots=True)
-class Dead:
-    incarnation: int
-    node: str
-    from_: str
+class Suspect(_Accusation):
+    __slots__ = ()
+    TYPE = MessageType.SUSPECT
 
-    def encode(self) -> bytes:
-        return encode(
-            MessageType.DEAD,
-            {"From": self.from_, "Incarnation": self.incarnation, "Node": self.node},
-        )
 
-    @classmethod
-    def from_fields(cls, f: dict[str, Any]) -> Dead:
-        return cls(incarnation=_int(f, "Incarnation"), node=_str(f, "Node"), from_=_str(f, "From"))
+class Dead(_Accusation):
+    """From == Node means a graceful leave."""
+
+    __slots__ = ()
+    TYPE = MessageType.DEAD
 
 
 @dataclass(frozen=True, slots=True)
