@@ -368,7 +368,9 @@ class GossipRuntime:
     # -- TCP ----------------------------------------------------------------------------------
 
     def _encode_stream(self, msg: bytes) -> bytes:
-        return packet.encode_stream(msg, compress=self.config.compress, keyring=self.keyring)
+        return packet.encode_stream(
+            msg, compress=self.config.compress_streams, keyring=self.keyring
+        )
 
     async def _background_push_pull(self, dest: Address, join: bool) -> None:
         try:
