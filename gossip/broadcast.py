@@ -95,9 +95,3 @@ class BroadcastQueue:
         bucket = self._buckets[b.transmits]
         del bucket[bisect.bisect_left(bucket, b.id)]
         self._count -= 1
-
-    def reset(self) -> None:
-        self._buckets.clear()
-        self._items.clear()
-        self._by_name.clear()
-        self._count = 0

@@ -38,19 +38,6 @@ class GossipConfig:
     def lan(cls) -> GossipConfig:
         return cls()
 
-    @classmethod
-    def local(cls) -> GossipConfig:
-        return cls(
-            probe_timeout=0.2,
-            gossip_interval=0.1,
-            indirect_checks=1,
-            suspicion_mult=3,
-            retransmit_mult=2,
-            push_pull_interval=15.0,
-            gossip_to_the_dead_time=15.0,
-            tcp_timeout=1.0,
-        )
-
     def with_(self, **kw: object) -> GossipConfig:
         return replace(self, **kw)  # type: ignore[arg-type]
 

@@ -13,6 +13,7 @@ import ipaddress
 import socket
 from typing import Any
 
+import msgpack
 import structlog
 
 from gossip import packet
@@ -234,10 +235,6 @@ class GossipRuntime:
         q: asyncio.Queue[GossipEvent] = asyncio.Queue(maxsize=4096)
         self._subscribers.append(q)
         return q
-
-    def unsubscribe(self, q: asyncio.Queue[GossipEvent]) -> None:
-        with contextlib.suppress(ValueError):
-            self._subscribers.remove(q)
 
     async def install_key(self, key: bytes) -> KeyResponse:
         return await self._key_op("install-key", key)
@@ -482,8 +479,6 @@ def _err_text(msg: bytes) -> str:
 
 def _user_stream_payload(msg: bytes) -> bytes:
     """A TCP user message is `08 | {UserMsgLen} | raw`; return the raw part."""
-    import msgpack
-
     up = msgpack.Unpacker(raw=True, strict_map_key=False)
     up.feed(msg[1:])
     try:
