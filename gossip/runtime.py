@@ -267,6 +267,7 @@ class GossipRuntime:
             "messages_dropped": c.messages_dropped + serf.stats["serf_messages_dropped"],
             "probes_failed": c.probes_failed,
             "refutes": c.refutes,
+            "address_conflicts": c.extra.get("conflicts", 0),
             **self._stats,
         }
 
