@@ -224,7 +224,8 @@ class Serf:
     # -- operations ---------------------------------------------------------------------------
 
     def joined(self, now: float) -> None:
-        """After a successful memberlist join: announce our join intent."""
+        """After a successful memberlist join: announce ourselves and our join intent."""
+        self.memberlist.announce()
         self._broadcast_join(self.clock.time(), now)
 
     def leave(self, now: float) -> None:

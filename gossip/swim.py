@@ -281,9 +281,17 @@ class Memberlist:
         if self.delegate:
             self.delegate.notify_update(me, now)
 
-    def join_addresses(self, addrs: list[Address]) -> None:
-        for a in addrs:
-            self._effects.append(StartPushPull(a, join=True))
+    def announce(self) -> None:
+        """Queue our alive as the newest broadcast.
+
+        After a join we have just queued an alive for every member the seed told us about; our
+        own alive (queued at start) would wait behind them all. Peers that know us ignore the
+        repeat (same incarnation), so this only speeds up how fast the cluster learns of us.
+        """
+        me = self.nodes.get(self.name)
+        if me is not None and not self.leaving:
+            a = Alive(me.incarnation, self.name, self.addr, self.port, me.meta, self.vsn)
+            self._queue(self.name, a.encode())
 
     # -- queries -----------------------------------------------------------------------------
 
