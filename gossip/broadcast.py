@@ -50,16 +50,26 @@ class BroadcastQueue:
     def has(self, name: str) -> bool:
         return name in self._by_name
 
-    def get(self, overhead: int, limit: int, transmit_limit: int) -> list[bytes]:
+    def get(
+        self, overhead: int, limit: int, transmit_limit: int, first: str | None = None
+    ) -> list[bytes]:
+        """Messages for one packet; the one named `first`, if queued, goes in every packet."""
         if not self._count:
             return []
         out: list[bytes] = []
         picked: list[Broadcast] = []
         used = 0
         misses = 0  # stop scanning a long queue once the packet is nearly full
+        head = self._by_name.get(first) if first is not None else None
+        if head is not None and overhead + len(head.msg) <= limit:
+            used = overhead + len(head.msg)
+            picked.append(head)
+            out.append(head.msg)
         for bucket in self._buckets:
             for bid in reversed(bucket):
                 b = self._items[bid]
+                if b is head:
+                    continue
                 cost = overhead + len(b.msg)
                 if used + cost > limit:
                     misses += 1

@@ -487,7 +487,9 @@ class Memberlist:
 
     def _get_broadcasts(self, overhead: int, limit: int) -> list[bytes]:
         limit_tx = retransmit_limit(self.config.retransmit_mult, len(self.nodes))
-        msgs = self.broadcasts.get(overhead, limit, limit_tx)
+        # news about ourselves (an alive refuting a suspicion, our announce after a join) goes
+        # first: it is what the cluster most needs from us, and it is never queued for long
+        msgs = self.broadcasts.get(overhead, limit, limit_tx, first=self.name)
         if self.delegate is not None:
             used = sum(len(m) + overhead for m in msgs)
             avail = limit - used
