@@ -23,9 +23,10 @@ from gossip import packet
 from gossip.awareness import Awareness
 from gossip.broadcast import BroadcastQueue
 from gossip.config import GossipConfig, push_pull_scale, retransmit_limit, suspicion_timeout
-from gossip.keyring import Keyring
+from gossip.keyring import ENCRYPTION_OVERHEAD, Keyring
 from gossip.messages import (
     MAX_UINT32,
+    META_MAX_SIZE,
     Ack,
     Alive,
     Dead,
@@ -181,7 +182,7 @@ class Memberlist:
     def start(self, now: float) -> None:
         """Announce ourselves and start the protocol timers."""
         self.incarnation += 1
-        meta = self.delegate.node_meta(packet_meta_limit()) if self.delegate else b""
+        meta = self.delegate.node_meta(META_MAX_SIZE) if self.delegate else b""
         self._alive(
             Alive(self.incarnation, self.name, self.addr, self.port, meta, self.vsn),
             now,
@@ -270,7 +271,7 @@ class Memberlist:
     def update_meta(self, now: float) -> None:
         """Re-announce ourselves with fresh delegate meta (tags changed)."""
         me = self.nodes[self.name]
-        meta = self.delegate.node_meta(packet_meta_limit()) if self.delegate else b""
+        meta = self.delegate.node_meta(META_MAX_SIZE) if self.delegate else b""
         self.incarnation = (self.incarnation + 1) & MAX_UINT32
         me.meta = meta
         me.incarnation = self.incarnation
@@ -470,12 +471,14 @@ class Memberlist:
         dead_time = self.config.gossip_to_the_dead_time
         peers = self._k_random(
             self.config.gossip_nodes,
-            lambda x: x.state == NodeState.LEFT
-            or (x.state == NodeState.DEAD and now - x.state_change > dead_time),
+            lambda x: (
+                x.state == NodeState.LEFT
+                or (x.state == NodeState.DEAD and now - x.state_change > dead_time)
+            ),
         )
         budget = self.config.udp_buffer_size - packet.COMPOUND_OVERHEAD
         if self.keyring is not None:
-            budget -= ENCRYPT_OVERHEAD
+            budget -= ENCRYPTION_OVERHEAD
         for p in peers:
             msgs = self._get_broadcasts(packet.COMPOUND_PART_OVERHEAD, budget)
             if not msgs:
@@ -496,7 +499,7 @@ class Memberlist:
             if avail > overhead + USER_MSG_OVERHEAD:
                 for m in self.delegate.get_broadcasts(overhead + USER_MSG_OVERHEAD, avail):
                     msgs.append(b"\x08" + m)
-        return msgs[:MAX_COMPOUND_PARTS]
+        return msgs[: packet.MAX_COMPOUND_PARTS]
 
     def _queue(self, name: str, msg: bytes) -> None:
         self.broadcasts.queue(msg, name)
@@ -507,9 +510,9 @@ class Memberlist:
         if piggyback:
             avail = self.config.udp_buffer_size - len(msg) - packet.COMPOUND_OVERHEAD
             if self.keyring is not None:
-                avail -= ENCRYPT_OVERHEAD
+                avail -= ENCRYPTION_OVERHEAD
             extra = self._get_broadcasts(packet.COMPOUND_PART_OVERHEAD, avail)[
-                : MAX_COMPOUND_PARTS - 1
+                : packet.MAX_COMPOUND_PARTS - 1
             ]
             if extra:
                 self._send_compound(dest, [msg, *extra], crc=crc)
@@ -741,12 +744,4 @@ class Memberlist:
 
 
 class ProtocolError(ValueError):
-    pass
-
-
-ENCRYPT_OVERHEAD = 29
-MAX_COMPOUND_PARTS = 127
-
-
-def packet_meta_limit() -> int:
-    return 512
+    """A peer speaks a memberlist protocol range we cannot talk to."""
