@@ -376,8 +376,7 @@ def test_wait_until_reports_desc_and_last_value() -> None:
 @pytest.mark.netns
 @pytest.mark.interop
 def test_serf_proc_in_netns(netns_cluster: Make, tmp_path: Path) -> None:
-    if serf_bin() is None:
-        pytest.skip("serf binary not installed (apt-get install -y serf)")
+    assert serf_bin() is not None, "serf is not installed (make test installs it)"
     c = netns_cluster(2)
     s1 = SerfProc(
         "s1", f"{c.ip(1)}:7946", f"{c.ip(1)}:7373", tmp_path, tags={"role": "seed"},

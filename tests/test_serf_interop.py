@@ -24,14 +24,11 @@ from tests.harness.agents import (
     AgentProc,
     SerfProc,
     free_port,
-    serf_bin,
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.interop,
-    pytest.mark.skipif(serf_bin() is None, reason="serf is not installed (make test installs it)"),
-]
+# No skip when serf is missing: interop is a promise, and `make test` installs serf.
+pytestmark = [pytest.mark.interop]
 
 # Suspicion for a 3-4 node cluster: at most 6 x 4 s, plus probing and dissemination.
 FAILURE_BOUND = 35.0
