@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -56,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:
 from gossip.config import push_pull_scale, suspicion_timeout  # noqa: E402
 from gossip.messages import MessageType, NodeState  # noqa: E402
 from gossip.packet import PacketError, decode_udp  # noqa: E402
+from gossip.serf import Serf  # noqa: E402
 from gossip.swim import Address  # noqa: E402
 from tests.sim.network import SimNetwork, SimNode  # noqa: E402
 
@@ -81,8 +83,8 @@ class OutOfBudget(Exception):
 class BenchNet(SimNetwork):
     """SimNetwork that also counts what the steady-state window and the crash trials need."""
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int, layer: Literal["serf", "memberlist"]) -> None:
+        super().__init__(seed, layer=layer)
         self.push_pulls = 0
         self.push_pull_bytes = 0
         self.count_push_pull = False
@@ -148,6 +150,7 @@ class Crash:
 class SizeResult:
     n: int
     seed: int
+    warm: bool = False  # bare memberlist with preloaded views, instead of Serf nodes that join
     phase: str = "start"
     stopped: str | None = None  # why the size did not finish
     wall: dict[str, float] = field(default_factory=dict)
@@ -168,12 +171,15 @@ class SizeResult:
 
 
 class SizeRun:
-    def __init__(self, n: int, seed: int, max_seconds: float, max_rss_gb: float) -> None:
+    def __init__(
+        self, n: int, seed: int, max_seconds: float, max_rss_gb: float, *, warm: bool
+    ) -> None:
         self.n = n
-        self.res = SizeResult(n, seed)
+        self.warm = warm
+        self.res = SizeResult(n, seed, warm)
         self.deadline = time.monotonic() + max_seconds
         self.max_rss = max_rss_gb
-        self.net = BenchNet(seed)
+        self.net = BenchNet(seed, "memberlist" if warm else "serf")
         self.rng = random.Random(seed ^ 0x5EED)
         self.t_wall = time.monotonic()
         self.t_start = self.t_wall
@@ -218,7 +224,7 @@ class SizeRun:
             if time.monotonic() - last_log[0] > 30:
                 last_log[0] = time.monotonic()
                 log(f"  n={n} forming: sim t={net.now:.1f}s, {self.view_progress()}")
-            if any(len(x.serf.members_by_name) < n for x in net.nodes):
+            if any(len(x.serf.memberlist.nodes) < n for x in net.nodes):
                 return False
             return net.all_see_all_alive()
 
@@ -227,6 +233,13 @@ class SizeRun:
             raise OutOfBudget(f"no convergence within {window + 300:.0f} s of simulated time")
         self.res.formation = net.now
         self.lap("formation")
+
+    def build_warm(self) -> None:
+        """Bare memberlist nodes with the converged view preloaded (tests/sim/bare.py)."""
+        self.res.phase = "preload"
+        self.net.add_converged(self.n)
+        self.guard()
+        self.lap("preload")
 
     def drain(self) -> None:
         net = self.net
@@ -251,7 +264,9 @@ class SizeRun:
         # A node's first push/pull comes at a random point of its first 30 s, and each later one
         # 30 s scaled by log2 of the members it knew at the previous one. From 60 s plus one
         # scaled interval on, every node is on the regular schedule for the final n.
-        warm = 2 * net.config.push_pull_interval + pp_interval
+        # Preloaded nodes start on that schedule already (start() spreads their first push/pull
+        # over the scaled interval), and their push/pulls are counted in the UDP window below.
+        warm = 0.0 if self.warm else 2 * net.config.push_pull_interval + pp_interval
         while net.now < warm:
             net.run_until(min(warm, net.now + 10.0))
             self.guard()
@@ -260,15 +275,23 @@ class SizeRun:
         net.decode_window = True
         net.messages = 0
         net.msg_types.clear()
+        pp0, ppb0 = net.push_pulls, net.push_pull_bytes
+        net.count_push_pull = self.warm
         for _ in range(periods):
             net.run_until(net.now + pi)
             self.guard()
         net.decode_window = False
+        net.count_push_pull = False
         norm = n * periods
         self.res.pkts = (net.packets - p0) / norm
         self.res.bytes_ = (net.bytes - b0) / norm
         self.res.msgs = net.messages / norm
         self.res.msg_types = {k: v / norm for k, v in net.msg_types.most_common()}
+        if self.warm:
+            self.res.push_pulls = (net.push_pulls - pp0) / norm
+            self.res.push_pull_bytes = (net.push_pull_bytes - ppb0) / norm
+            self.lap("steady")
+            return
         # TCP push/pull: one whole scaled interval, in which every node starts about one
         pp0, ppb0 = net.push_pulls, net.push_pull_bytes
         net.count_push_pull = True
@@ -348,17 +371,24 @@ class SizeRun:
     # -- observations ----------------------------------------------------------------------
 
     def queued(self) -> int:
-        return sum(
-            len(x.serf.memberlist.broadcasts)
-            + len(x.serf.intent_broadcasts)
-            + len(x.serf.event_broadcasts)
-            + len(x.serf.query_broadcasts)
-            for x in self.net.nodes
-            if not x.crashed
-        )
+        total = 0
+        for x in self.net.nodes:
+            if x.crashed:
+                continue
+            total += len(x.serf.memberlist.broadcasts)
+            if isinstance(x.serf, Serf):
+                total += (
+                    len(x.serf.intent_broadcasts)
+                    + len(x.serf.event_broadcasts)
+                    + len(x.serf.query_broadcasts)
+                )
+        return total
+
+    def view_sizes(self) -> list[int]:
+        return [len(x.serf.memberlist.nodes) for x in self.net.nodes]
 
     def view_progress(self) -> str:
-        sizes = [len(x.serf.members_by_name) for x in self.net.nodes]
+        sizes = self.view_sizes()
         entries = sum(sizes)
         full = sum(1 for s in sizes if s >= self.n)
         return (
@@ -369,7 +399,7 @@ class SizeRun:
 
     def project(self) -> str:
         """Memory and time a full formation would need, from what this run did so far."""
-        sizes = [len(x.serf.members_by_name) for x in self.net.nodes]
+        sizes = self.view_sizes()
         entries = sum(sizes)
         if entries <= len(sizes):
             return ""
@@ -387,14 +417,21 @@ def _f(x: float | None, nd: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-def run_size(args: argparse.Namespace, n: int) -> SizeResult:
-    log(f"n={n}: seed {args.seed}, max {args.max_seconds:g}s wall, max {args.max_rss_gb:g} GB")
-    run = SizeRun(n, args.seed, args.max_seconds, args.max_rss_gb)
+def run_size(args: argparse.Namespace, n: int, warm: bool) -> SizeResult:
+    mode = "bare memberlist, preloaded views" if warm else "Serf nodes joining"
+    log(
+        f"n={n} ({mode}): seed {args.seed}, max {args.max_seconds:g}s wall, "
+        f"max {args.max_rss_gb:g} GB"
+    )
+    run = SizeRun(n, args.seed, args.max_seconds, args.max_rss_gb, warm=warm)
     try:
-        run.form()
+        if warm:
+            run.build_warm()
+        else:
+            run.form()
         run.drain()
         run.steady(args.window)
-        run.crash_trials(args.crashes)
+        run.crash_trials(args.crashes_warm if warm else args.crashes)
         run.res.phase = "done"
     except (OutOfBudget, MemoryError) as e:
         run.res.stopped = f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)
@@ -431,7 +468,8 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
     print(
         f"# gossip_sim {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: seed {args.seed}, LAN timings "
         "(1 period = probe interval 1 s), steady window "
-        f"{args.window} periods, {args.crashes} crashes per size; mean [min..max]"
+        f"{args.window} periods, {args.crashes} crashes per size ({args.crashes_warm} for "
+        ":warm sizes); mean [min..max]"
     )
     for r in results:
         n = r.n
@@ -439,7 +477,12 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
         pp_every = push_pull_scale(30.0, n)
         print()
         status = "complete" if r.stopped is None else f"STOPPED in {r.phase}: {r.stopped}"
-        print(f"## n={n:,} ({status}; peak RSS {r.peak_rss_gb:.2f} GB)")
+        mode = (
+            "bare memberlist, converged views preloaded"
+            if r.warm
+            else "Serf nodes, formed by joins"
+        )
+        print(f"## n={n:,}, {mode} ({status}; peak RSS {r.peak_rss_gb:.2f} GB)")
         walls = ", ".join(f"{k} {v:.0f}s" for k, v in r.wall.items())
         print(f"wall time: {walls}")
         rows: list[tuple[str, str, str]] = [
@@ -521,40 +564,55 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
             print(f"how far it got: {r.progress}")
             if r.projection:
                 print(f"projection: {r.projection}")
-    done = [r for r in results if r.pkts is not None]
-    if len(done) >= 2:
-        a, b = done[0], done[-1]
-        print()
-        print(f"## scaling {a.n:,} -> {b.n:,} nodes")
-        if a.pkts and b.pkts:
-            print(f"packets / node / period ratio: {b.pkts / a.pkts:.2f} (SWIM: 1.00)")
-        ln_ratio = math.log(b.n) / math.log(a.n)
-        for what, get in (
-            ("suspicion spread", lambda c: c.suspicion_spread),
-            ("failure spread", lambda c: c.dissemination),
-        ):
-            xa = [x for x in map(get, a.crashes) if x is not None]
-            xb = [x for x in map(get, b.crashes) if x is not None]
-            if xa and xb:
-                q = statistics.mean(xb) / statistics.mean(xa)
-                print(f"{what} ratio: {q:.2f} (O(log n): ln n ratio {ln_ratio:.2f})")
+    for warm in (False, True):
+        done = [r for r in results if r.pkts is not None and r.warm == warm]
+        if len(done) >= 2 and done[0].n != done[-1].n:
+            scaling(done[0], done[-1])
+
+
+def scaling(a: SizeResult, b: SizeResult) -> None:
+    print()
+    kind = "preloaded bare memberlist" if a.warm else "joined Serf nodes"
+    print(f"## scaling {a.n:,} -> {b.n:,} nodes ({kind})")
+    if a.pkts and b.pkts:
+        print(f"packets / node / period ratio: {b.pkts / a.pkts:.2f} (SWIM: 1.00)")
+    ln_ratio = math.log(b.n) / math.log(a.n)
+    for what, get in (
+        ("suspicion spread", lambda c: c.suspicion_spread),
+        ("failure spread", lambda c: c.dissemination),
+    ):
+        xa = [x for x in map(get, a.crashes) if x is not None]
+        xb = [x for x in map(get, b.crashes) if x is not None]
+        if xa and xb:
+            q = statistics.mean(xb) / statistics.mean(xa)
+            print(f"{what} ratio: {q:.2f} (O(log n): ln n ratio {ln_ratio:.2f})")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n", default="1000,10000", help="comma list of sizes (1000,10000)")
+    ap.add_argument(
+        "--n",
+        default="1000,1000:warm,10000:warm",
+        help="comma list of sizes; N: Serf nodes that join, N:warm: bare memberlist nodes with\n"
+        "preloaded converged views (default 1000,1000:warm,10000:warm)",
+    )
     ap.add_argument("--seed", type=int, default=20261124)
     ap.add_argument("--window", type=int, default=20, help="steady-state periods (20)")
-    ap.add_argument("--crashes", type=int, default=20, help="crash trials per size (20)")
-    ap.add_argument("--max-seconds", type=float, default=900.0, help="wall time per size (900)")
-    ap.add_argument("--max-rss-gb", type=float, default=14.0, help="memory bound (14 GB)")
+    ap.add_argument("--crashes", type=int, default=20, help="crash trials per joined size (20)")
+    ap.add_argument("--crashes-warm", type=int, default=5, help="per :warm size (5)")
+    ap.add_argument("--max-seconds", type=float, default=1800.0, help="wall time per size (1800)")
+    ap.add_argument("--max-rss-gb", type=float, default=20.0, help="memory bound (20 GB)")
     args = ap.parse_args(argv)
-    try:
-        args.sizes = [int(x) for x in str(args.n).split(",") if x.strip()]
-    except ValueError:
-        ap.error("--n takes a comma list of integers")
-    if any(s < 10 for s in args.sizes):
-        ap.error("sizes must be >= 10")
+    args.sizes = []
+    for tok in (x.strip() for x in str(args.n).split(",")):
+        if not tok:
+            continue
+        num, _, mode = tok.partition(":")
+        if not num.isdigit() or mode not in ("", "warm"):
+            ap.error(f"--n: {tok!r} is neither N nor N:warm")
+        if int(num) < 10:
+            ap.error(f"--n: size {num} is below 10")
+        args.sizes.append((int(num), mode == "warm"))
     return args
 
 
@@ -568,8 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     results: list[SizeResult] = []
     try:
-        for n in args.sizes:
-            results.append(run_size(args, n))
+        for n, warm in args.sizes:
+            results.append(run_size(args, n, warm))
     except KeyboardInterrupt:
         log("interrupted; partial results follow")
     report(results, args)

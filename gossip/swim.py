@@ -160,13 +160,13 @@ class Memberlist:
         self.rng = rng or random.Random()
         self.vsn = vsn
         self.nodes: dict[str, NodeInfo] = {}
-        self._names: list[str] = []  # the same members as `nodes`, indexable for random picks
-        self._name_pos: dict[str, int] = {}
         self.counters = Counters()
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.broadcasts = BroadcastQueue()
         self.leaving = False
         self.incarnation = 0
+        # every member in probe order; also what random picks index into (memberlist's one
+        # `nodes` slice). Members leave it only when it is rebuilt, so no position map is needed.
         self._probe_order: list[str] = []
         self._probe_index = 0
         self._seq = itertools.count(1)
@@ -193,7 +193,10 @@ class Memberlist:
         self._at(now + stagger * self.config.probe_interval, self._probe_tick)
         self._at(now + stagger * self.config.gossip_interval, self._gossip_tick)
         if self.config.push_pull_interval > 0:
-            self._at(now + self.rng.random() * self.config.push_pull_interval, self._push_pull_tick)
+            # a fresh node knows no one and staggers over the plain interval, as memberlist does;
+            # one that starts with a known view (a warm simulation) over the interval for it
+            spread = push_pull_scale(self.config.push_pull_interval, len(self.nodes))
+            self._at(now + self.rng.random() * spread, self._push_pull_tick)
 
     def take_effects(self) -> list[Effect]:
         out, self._effects = self._effects, []
@@ -577,8 +580,6 @@ class Memberlist:
         if node is None:
             node = NodeInfo(a.node, a.addr, a.port, a.meta, a.vsn, 0, NodeState.DEAD, now)
             self.nodes[a.node] = node
-            self._name_pos[a.node] = len(self._names)
-            self._names.append(a.node)
             # insert at a random place in the probe order so new nodes are probed soon but fairly
             pos = self.rng.randint(0, len(self._probe_order))
             self._probe_order.insert(pos, a.node)
@@ -717,15 +718,10 @@ class Memberlist:
     def _forget(self, name: str) -> None:
         del self.nodes[name]
         self._suspicions.pop(name, None)
-        pos = self._name_pos.pop(name)
-        last = self._names.pop()
-        if last != name:
-            self._names[pos] = last
-            self._name_pos[last] = pos
 
     def _k_random(self, k: int, exclude: Callable[[NodeInfo], bool]) -> list[NodeInfo]:
         """Up to k distinct random members, never ourselves (memberlist's kRandomNodes)."""
-        names = self._names
+        names = self._probe_order
         n = len(names)
         out: list[NodeInfo] = []
         seen: set[str] = set()

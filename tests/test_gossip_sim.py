@@ -10,6 +10,7 @@ import os
 import pytest
 
 from gossip.member import MemberStatus
+from tests.sim.bare import preload_converged
 from tests.sim.network import SimNetwork, SimNode
 
 SEED = int(os.environ.get("MESHNODE_SIM_SEED", "20261124"))
@@ -96,3 +97,40 @@ def test_healed_partition_remerges(cluster: SimNetwork) -> None:
     net.heal()
     ok = net.run_until(net.now + 300.0, stop=lambda: net.all_see_all_alive(live), check=1.0)
     assert ok, f"partition did not re-merge after healing (seed {net.seed})"
+
+
+def test_warm_started_bare_cluster_detects_a_crash() -> None:
+    """The large-scale benchmark's mode (tests/sim/bare.py): memberlist alone, converged views
+    preloaded. It must behave as a formed cluster does: quiet while healthy, a crash seen failed
+    everywhere, and push/pulls spread over the interval scaled for n (not bunched in 30 s)."""
+    n = 300
+    net = SimNetwork(SEED, layer="memberlist")
+    nodes = net.add_converged(n)
+    assert net.all_see_all_alive(), f"seed {net.seed}"
+    assert all(len(x.serf.memberlist.nodes) == n for x in nodes)
+    pulls: list[float] = []
+    original = net._push_pull
+
+    def counting(*args: object, **kwargs: object) -> None:
+        pulls.append(net.now)
+        original(*args, **kwargs)  # type: ignore[arg-type]
+
+    net._push_pull = counting  # type: ignore[method-assign]
+    net.run_until(30.0)
+    # scaled interval at 300 nodes is 30 * (ceil(log2 300) - 4) = 150 s: ~n/5 in the first 30 s
+    assert n / 10 < len(pulls) < n / 3, f"{len(pulls)} push/pulls in 30 s (seed {net.seed})"
+    assert not any(x.failed_events for x in nodes), f"seed {net.seed}"
+    victim = nodes[net.rng.randrange(n)]
+    net.crash(victim)
+    t0 = net.now
+    ok = net.run_until(t0 + 120.0, stop=lambda: net.all_see(victim.name, {MemberStatus.FAILED}))
+    assert ok, f"{victim.name} not seen failed everywhere (seed {net.seed})"
+    wrong = [(x.name, who) for x in net.live() for _, who in x.failed_events if who != victim.name]
+    assert not wrong, f"healthy nodes declared failed: {wrong[:5]} (seed {net.seed})"
+
+
+def test_preload_refuses_a_started_node() -> None:
+    net = SimNetwork(SEED, layer="memberlist")
+    node = net.add_node()
+    with pytest.raises(ValueError, match="already has a view"):
+        preload_converged([node.serf.memberlist], 0.0)

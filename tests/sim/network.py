@@ -14,14 +14,22 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
 from gossip.config import GossipConfig
 from gossip.member import MemberEvent, MemberEventType, MemberStatus
 from gossip.serf import Serf
-from gossip.swim import Address, ProtocolError, SendPacket, StartPushPull, StartTcpPing
+from gossip.swim import (
+    Address,
+    Memberlist,
+    ProtocolError,
+    SendPacket,
+    StartPushPull,
+    StartTcpPing,
+)
+from tests.sim.bare import BareDelegate, BareNode, preload_converged
 
 
 @dataclass
@@ -29,7 +37,7 @@ class SimNode:
     index: int
     name: str
     addr: Address
-    serf: Serf
+    serf: Serf | BareNode
     crashed: bool = False
     group: int = 0
     scheduled: float | None = None
@@ -45,7 +53,10 @@ class SimNetwork:
         loss: float = 0.0,
         min_delay: float = 0.0005,
         max_delay: float = 0.005,
+        layer: Literal["serf", "memberlist"] = "serf",
     ) -> None:
+        """`layer="memberlist"` runs bare memberlist nodes (tests/sim/bare.py), for sizes where
+        Serf's per-member state does not fit in memory."""
         # a thousand nodes logging every suspicion would drown the test output and its speed
         structlog.configure(
             wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
@@ -57,6 +68,7 @@ class SimNetwork:
         self.loss = loss
         self.min_delay = min_delay
         self.max_delay = max_delay
+        self.layer = layer
         self.now = 0.0
         self.nodes: list[SimNode] = []
         self.by_addr: dict[Address, SimNode] = {}
@@ -71,22 +83,44 @@ class SimNetwork:
     # -- building -----------------------------------------------------------------------------
 
     def add_node(self, name: str | None = None) -> SimNode:
+        node = self._make_node(name)
+        node.serf.start(self.now)
+        self._service(node)
+        return node
+
+    def add_converged(self, n: int) -> list[SimNode]:
+        """n bare memberlist nodes that start with the converged view of a long-running
+        cluster (no joins simulated); see tests/sim/bare.py."""
+        if self.layer != "memberlist":
+            raise ValueError("add_converged needs layer='memberlist'")
+        new = [self._make_node(None) for _ in range(n)]
+        preload_converged([x.serf.memberlist for x in new], self.now)
+        for node in new:
+            node.serf.start(self.now)
+            self._service(node)
+        return new
+
+    def _make_node(self, name: str | None) -> SimNode:
         i = len(self.nodes)
         name = name or f"n{i:05d}"
         addr = (f"198.18.{i // 250}.{i % 250 + 1}", 7946)
-        serf = Serf(
-            name=name,
-            addr=addr[0],
-            port=addr[1],
-            tags={"role": "node", "dc": "sim"},
-            config=self.config,
-            rng=random.Random(self.rng.getrandbits(64)),
-        )
-        node = SimNode(i, name, addr, serf)
+        rng = random.Random(self.rng.getrandbits(64))
+        peer: Serf | BareNode
+        if self.layer == "serf":
+            tags = {"role": "node", "dc": "sim"}
+            peer = Serf(
+                name=name, addr=addr[0], port=addr[1], tags=tags, config=self.config, rng=rng
+            )
+        else:
+            delegate = BareDelegate()
+            ml = Memberlist(
+                name=name, addr=addr[0], port=addr[1], config=self.config, delegate=delegate,
+                rng=rng,
+            )
+            peer = BareNode(ml, delegate)
+        node = SimNode(i, name, addr, peer)
         self.nodes.append(node)
         self.by_addr[addr] = node
-        serf.start(self.now)
-        self._service(node)
         return node
 
     def join(self, node: SimNode, seed: SimNode) -> None:
@@ -248,7 +282,10 @@ class SimNetwork:
     # -- observations -------------------------------------------------------------------------
 
     def status_of(self, observer: SimNode, name: str) -> MemberStatus | None:
-        ms = observer.serf.members_by_name.get(name)
+        peer = observer.serf
+        if isinstance(peer, BareNode):
+            return peer.status(name)
+        ms = peer.members_by_name.get(name)
         return ms.member.status if ms else None
 
     def live(self) -> list[SimNode]:
@@ -258,7 +295,12 @@ class SimNetwork:
         nodes = nodes or self.live()
         names = [n.name for n in nodes]
         for n in nodes:
-            mb = n.serf.members_by_name
+            peer = n.serf
+            if isinstance(peer, BareNode):
+                if any(peer.status(name) != MemberStatus.ALIVE for name in names):
+                    return False
+                continue
+            mb = peer.members_by_name
             for name in names:
                 ms = mb.get(name)
                 if ms is None or ms.member.status != MemberStatus.ALIVE:
@@ -271,8 +313,7 @@ class SimNetwork:
         for n in nodes or self.live():
             if n.name == name:
                 continue
-            ms = n.serf.members_by_name.get(name)
-            if ms is None or ms.member.status not in statuses:
+            if self.status_of(n, name) not in statuses:
                 return False
         return True
 
