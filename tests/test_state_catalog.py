@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 
-from node.state import StateStore
 from node.state import commands as c
 from node.state.catalog import Catalog
+from tests.harness.state import StoreDriver as C
 
 NID1 = "11111111-1111-1111-1111-111111111111"
 NID2 = "22222222-2222-2222-2222-222222222222"
-
-
-class C:
-    def __init__(self) -> None:
-        self.store = StateStore()
-        self.i = 0
-
-    def apply(self, cmd: bytes) -> tuple[bool, object]:
-        self.i += 1
-        res = self.store.apply(self.i, cmd)
-        return res.ok, (res.value if res.ok else res.error)
-
-    def ok(self, cmd: bytes) -> None:
-        good, v = self.apply(cmd)
-        assert good, v
-
-    def fails(self, cmd: bytes, text: str) -> None:
-        before = _state(self.store)
-        good, v = self.apply(cmd)
-        assert not good and text in str(v), v
-        assert _state(self.store) == before
-
-
-def _state(store: StateStore) -> object:
-    obj = msgpack.unpackb(store.snapshot(), raw=False, strict_map_key=False)
-    obj.pop("index")
-    return obj
 
 
 WEB = {"ID": "web1", "Service": "web", "Tags": ["v1", "http"], "Port": 8080, "Meta": {"a": "b"}}

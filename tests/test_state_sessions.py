@@ -2,44 +2,14 @@
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 
-from node.state import StateStore
 from node.state import commands as c
 from node.state.sessions import parse_duration
+from tests.harness.state import StoreDriver as S
 
 SID = "aaaaaaaa-0000-0000-0000-000000000001"
 SID2 = "bbbbbbbb-0000-0000-0000-000000000002"
-
-
-class S:
-    def __init__(self) -> None:
-        self.store = StateStore()
-        self.i = 0
-
-    def apply(self, cmd: bytes) -> tuple[bool, object]:
-        self.i += 1
-        res = self.store.apply(self.i, cmd)
-        return res.ok, (res.value if res.ok else res.error)
-
-    def ok(self, cmd: bytes) -> object:
-        good, v = self.apply(cmd)
-        assert good, v
-        return v
-
-    def fails(self, cmd: bytes, text: str) -> None:
-        before = _state(self.store)
-        good, v = self.apply(cmd)
-        assert not good
-        assert text in str(v), v
-        assert _state(self.store) == before
-
-
-def _state(store: StateStore) -> object:
-    obj = msgpack.unpackb(store.snapshot(), raw=False, strict_map_key=False)
-    obj.pop("index")
-    return obj
 
 
 @pytest.fixture
