@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import structlog
@@ -38,6 +38,9 @@ from gossip.member import (
 )
 from node.api.http import HTTPServer
 from node.config import CONSUL_COMPAT_VERSION, MESHNODE_VERSION, AgentConfig
+
+if TYPE_CHECKING:
+    from node.consensus import Consensus
 
 __all__ = [
     "EVENT_BUFFER_SIZE",
@@ -364,6 +367,8 @@ class Agent:
         self.local_services: Callable[[], Mapping[str, list[str]]] = dict
         self.started_at = 0.0
         self.http: HTTPServer | None = None
+        #: the Raft and state-store layer (node/consensus.py), when the agent runs one
+        self.consensus: Consensus | None = None
         self._runtime: GossipRuntimeLike | None = None
         self._pump: asyncio.Task[None] | None = None
         self._started: list[Component] = []
@@ -400,7 +405,7 @@ class Agent:
 
     def tags(self) -> dict[str, str]:
         c = self.config
-        return {
+        tags = {
             "role": "node",
             "dc": c.datacenter,
             "id": self.node_id,
@@ -410,6 +415,9 @@ class Agent:
             "dns_port": str(c.dns_port),
             "vsn": "1",
         }
+        if c.bootstrap_expect:
+            tags["expect"] = str(c.bootstrap_expect)  # as Consul's servers advertise it
+        return tags
 
     def add_component(self, component: Component) -> None:
         """Register a later layer; it starts after gossip and before the HTTP API."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
+from http import HTTPStatus
 from typing import Any, NoReturn
 
 from gossip.keyring import KeyringError, generate_key, parse_key
@@ -68,6 +70,30 @@ class AgentClient:
         # The agent is local; HTTP(S)_PROXY settings must not reroute these calls.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
+    def fetch(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
+        """(status, body) for any HTTP answer; ClientError when the agent cannot be reached."""
+        req = urllib.request.Request(self.base + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                return resp.status, bytes(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except urllib.error.URLError as e:
+            raise ClientError(f"cannot reach agent at {self.base}: {_reason(e.reason)}") from None
+        except TimeoutError:
+            raise ClientError(f"cannot reach agent at {self.base}: timed out") from None
+        except OSError as e:
+            raise ClientError(f"cannot reach agent at {self.base}: {_reason(e)}") from None
+
     def request(
         self,
         method: str,
@@ -76,21 +102,12 @@ class AgentClient:
         *,
         timeout: float | None = None,
     ) -> bytes:
-        req = urllib.request.Request(self.base + path, data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
-                return bytes(resp.read())
-        except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace").strip()
-            raise ClientError(f"agent returned {e.code}: {text or e.reason}") from None
-        except urllib.error.URLError as e:
-            raise ClientError(f"cannot reach agent at {self.base}: {_reason(e.reason)}") from None
-        except TimeoutError:
-            raise ClientError(f"cannot reach agent at {self.base}: timed out") from None
-        except OSError as e:
-            raise ClientError(f"cannot reach agent at {self.base}: {_reason(e)}") from None
+        status, raw = self.fetch(method, path, body, timeout=timeout)
+        if status >= 400:
+            text = raw.decode(errors="replace").strip()
+            reason = text or HTTPStatus(status).phrase
+            raise ClientError(f"agent returned {status}: {reason}")
+        return raw
 
     def get_json(self, path: str) -> Any:
         raw = self.request("GET", path)
@@ -122,6 +139,7 @@ def _client(ns: argparse.Namespace, timeout: float = 15.0) -> AgentClient:
 
 def cmd_agent(ns: argparse.Namespace) -> int:
     from node.agent import Agent, AgentError
+    from node.consensus import Consensus
     from node.log import bind_context, setup_logging
 
     given = {k: v for k, v in vars(ns).items() if k in FIELDS or k == "config_file"}
@@ -132,6 +150,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_json)
     bind_context(agent=config.node)
     agent = Agent(config)
+    agent.add_component(Consensus(agent))
     try:
         return _run_async(agent.run())
     except AgentError as e:
@@ -274,6 +293,186 @@ def cmd_event(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _kv_path(key: str, *flags: str, **params: int | str | None) -> str:
+    """Flags count by presence in Consul (`?recurse`); parameters with None are left out."""
+    parts = [f for f in flags if f] + [
+        f"{k}={urllib.parse.quote(str(v), safe='')}" for k, v in params.items() if v is not None
+    ]
+    path = "/v1/kv/" + urllib.parse.quote(key, safe="/")
+    return path + ("?" + "&".join(parts) if parts else "")
+
+
+def _kv_value(raw: str) -> bytes:
+    """Consul's conventions: `-` reads stdin, `@file` reads a file, anything else is literal."""
+    if raw == "-":
+        return sys.stdin.buffer.read()
+    if raw.startswith("@"):
+        try:
+            with open(raw[1:], "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise UsageError(f"VALUE: cannot read {raw[1:]}: {e.strerror}") from None
+    return raw.encode()
+
+
+def _u64_flag(name: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) >= 2**64:
+        raise UsageError(f"{name}: must be an unsigned 64-bit integer, got {value!r}")
+    return int(value)
+
+
+def cmd_kv_put(ns: argparse.Namespace) -> int:
+    flags = _u64_flag("--flags", ns.flags)
+    index = _u64_flag("--modify-index", ns.modify_index)
+    if ns.cas and index is None:
+        raise UsageError("--cas: needs --modify-index (0 writes only if the key does not exist)")
+    value = _kv_value(ns.value) if ns.value is not None else b""
+    path = _kv_path(ns.key, flags=flags, cas=index if ns.cas else None)
+    if not ns.key:
+        raise UsageError("KEY: must not be empty")
+    raw = _client(ns).request("PUT", path, value)
+    if raw.strip() != b"true":
+        print(f"Error! Did not write to {ns.key}: CAS failed", file=sys.stderr)
+        return 1
+    print(f"Success! Data written to: {ns.key}")
+    return 0
+
+
+def cmd_kv_get(ns: argparse.Namespace) -> int:
+    client = _client(ns)
+    mode = "stale" if ns.stale else "consistent" if ns.consistent else ""
+    if ns.keys:
+        path = _kv_path(ns.key, "keys", mode, separator=ns.separator)
+    else:
+        path = _kv_path(ns.key, "recurse" if ns.recurse else "", mode)
+    status, raw = client.fetch("GET", path)
+    if status == 404:
+        if ns.recurse or ns.keys:
+            return 0
+        print(f"Error! No key exists at: {ns.key}", file=sys.stderr)
+        return 1
+    if status >= 400:
+        raise ClientError(f"agent returned {status}: {raw.decode(errors='replace').strip()}")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ClientError("agent sent invalid JSON for the key") from None
+    if ns.keys:
+        for k in data:
+            print(k)
+        return 0
+    out = sys.stdout.buffer
+    for entry in data:
+        value = base64.b64decode(entry.get("Value") or "")
+        if ns.detailed:
+            for field in ("CreateIndex", "Flags", "Key", "LockIndex", "ModifyIndex", "Session"):
+                print(f"{field:<12}{entry.get(field, '-')}")
+            print(f"{'Value':<12}{value.decode(errors='replace')}")
+            print()
+        elif ns.recurse:
+            out.write(entry["Key"].encode() + b":" + value + b"\n")
+        else:
+            out.write(value + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_kv_delete(ns: argparse.Namespace) -> int:
+    index = _u64_flag("--modify-index", ns.modify_index)
+    if ns.cas and index is None:
+        raise UsageError("--cas: needs --modify-index")
+    if not ns.key and not ns.recurse:
+        raise UsageError("KEY: must not be empty (use --recurse to delete everything)")
+    path = _kv_path(ns.key, "recurse" if ns.recurse else "", cas=index if ns.cas else None)
+    raw = _client(ns).request("DELETE", path)
+    if raw.strip() != b"true":
+        print(f"Error! Did not delete key {ns.key}: CAS failed", file=sys.stderr)
+        return 1
+    print(f"Success! Deleted key{'s under' if ns.recurse else ''}: {ns.key}")
+    return 0
+
+
+def cmd_raft_list_peers(ns: argparse.Namespace) -> int:
+    path = "/v1/operator/raft/configuration" + ("?stale" if ns.stale else "")
+    config = _client(ns).get_json(path)
+    servers = config.get("Servers") if isinstance(config, dict) else None
+    if not isinstance(servers, list):
+        raise ClientError("agent sent an unexpected raft configuration")
+    rows = [["Node", "ID", "Address", "State", "Voter", "RaftProtocol"]]
+    for srv in servers:
+        state = "leader" if srv.get("Leader") else "follower" if srv.get("Voter") else "learner"
+        rows.append([str(srv.get("Node", "")), str(srv.get("ID", "")),
+                     str(srv.get("Address", "")), state, str(bool(srv.get("Voter"))).lower(),
+                     str(srv.get("ProtocolVersion", ""))])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_raft_remove_peer(ns: argparse.Namespace) -> int:
+    if bool(ns.id) == bool(ns.address):
+        raise UsageError("remove-peer: give exactly one of --id or --address")
+    query = urllib.parse.urlencode({"id": ns.id} if ns.id else {"address": ns.address})
+    _client(ns).request("DELETE", f"/v1/operator/raft/peer?{query}")
+    print(f"Removed peer with {'id' if ns.id else 'address'} {ns.id or ns.address!r}")
+    return 0
+
+
+def cmd_raft_transfer_leader(ns: argparse.Namespace) -> int:
+    query = "?" + urllib.parse.urlencode({"id": ns.id}) if ns.id else ""
+    raw = _client(ns, timeout=30.0).request("POST", f"/v1/operator/raft/transfer-leader{query}")
+    try:
+        new = json.loads(raw).get("NewLeader", "")
+    except (ValueError, AttributeError):
+        new = ""
+    print(f"Success! Leadership transferred{f' to {new}' if new else ''}.")
+    return 0
+
+
+def cmd_snapshot_save(ns: argparse.Namespace) -> int:
+    client = _client(ns, timeout=120.0)
+    status, raw = client.fetch("GET", "/v1/snapshot" + ("?stale" if ns.stale else ""))
+    if status >= 400:
+        raise ClientError(f"agent returned {status}: {raw.decode(errors='replace').strip()}")
+    from node.api.operator import SnapshotError, unpack_snapshot
+
+    try:
+        meta, _ = unpack_snapshot(raw)
+    except SnapshotError as e:
+        raise ClientError(f"the agent sent a bad snapshot: {e}") from None
+    tmp = ns.file + ".part"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ns.file)
+    except OSError as e:
+        raise ClientError(f"cannot write {ns.file}: {e.strerror}") from None
+    print(f"Saved and verified snapshot to index {meta.get('Index')}")
+    return 0
+
+
+def cmd_snapshot_restore(ns: argparse.Namespace) -> int:
+    try:
+        with open(ns.file, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"FILE: cannot read {ns.file}: {e.strerror}") from None
+    from node.api.operator import SnapshotError, unpack_snapshot
+
+    try:
+        unpack_snapshot(raw)
+    except SnapshotError as e:
+        raise UsageError(f"FILE: {e}") from None
+    _client(ns, timeout=120.0).request("PUT", "/v1/snapshot", raw)
+    print("Restored snapshot")
+    return 0
+
+
 # ----- parser -----
 
 
@@ -308,6 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="join in the background until it works (repeatable)",
     )
     agent.add_argument("--retry-interval", default=s, help="retry-join interval (30s)")
+    agent.add_argument(
+        "--bootstrap-expect",
+        default=s,
+        metavar="N",
+        help="wait for N members, then bootstrap one Raft cluster (give the same N to each)",
+    )
+    agent.add_argument(
+        "--server-stabilization-time",
+        default=s,
+        metavar="DURATION",
+        help="how long a member must be healthy before it may vote, and a voter failed before "
+        "it is replaced (10s)",
+    )
     agent.add_argument(
         "--encrypt",
         default=s,
@@ -368,6 +580,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="regexp of services that handle it")
     p.add_argument("--tag", default="", help="regexp of service tags (needs --service)")
     p.set_defaults(func=cmd_event)
+
+    kv = sub.add_parser("kv", help="read and write the replicated key/value store")
+    kv_sub = kv.add_subparsers(dest="kv_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    kv_sub.required = True
+    p = kv_sub.add_parser("put", parents=[http_parent], help="write a key")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", nargs="?", metavar="VALUE", help="the value, @FILE, or - for stdin")
+    p.add_argument("--flags", default=None, help="unsigned 64-bit flags stored with the key")
+    p.add_argument("--cas", action="store_true", help="write only if --modify-index matches")
+    p.add_argument("--modify-index", default=None, help="index for --cas (0: only if absent)")
+    p.set_defaults(func=cmd_kv_put)
+    p = kv_sub.add_parser("get", parents=[http_parent], help="read a key or a prefix")
+    p.add_argument("key", nargs="?", default="", metavar="KEY")
+    p.add_argument("--recurse", action="store_true", help="every key under the prefix")
+    p.add_argument("--keys", action="store_true", help="only key names under the prefix")
+    p.add_argument("--separator", default="/", help="with --keys: collapse at this (/)")
+    p.add_argument("--detailed", action="store_true", help="show the metadata too")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--stale", action="store_true", help="read this agent's replica")
+    mode.add_argument("--consistent", action="store_true", help="linearizable read")
+    p.set_defaults(func=cmd_kv_get)
+    p = kv_sub.add_parser("delete", parents=[http_parent], help="delete a key or a prefix")
+    p.add_argument("key", nargs="?", default="", metavar="KEY")
+    p.add_argument("--recurse", action="store_true", help="delete every key under the prefix")
+    p.add_argument("--cas", action="store_true", help="delete only if --modify-index matches")
+    p.add_argument("--modify-index", default=None, help="index for --cas")
+    p.set_defaults(func=cmd_kv_delete)
+
+    op = sub.add_parser("operator", help="cluster operations")
+    op_sub = op.add_subparsers(dest="operator_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    op_sub.required = True
+    raft = op_sub.add_parser("raft", help="inspect and change the Raft configuration")
+    raft_sub = raft.add_subparsers(dest="raft_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    raft_sub.required = True
+    p = raft_sub.add_parser("list-peers", parents=[http_parent], help="show the Raft servers")
+    p.add_argument("--stale", action="store_true", help="answer from this agent (no leader needed)")
+    p.set_defaults(func=cmd_raft_list_peers)
+    p = raft_sub.add_parser("remove-peer", parents=[http_parent], help="remove a Raft server")
+    p.add_argument("--id", default="", help="the server's ID")
+    p.add_argument("--address", default="", help="the server's IP:port")
+    p.set_defaults(func=cmd_raft_remove_peer)
+    p = raft_sub.add_parser("transfer-leader", parents=[http_parent], help="move leadership")
+    p.add_argument("--id", default="", help="the voter to hand leadership to (any by default)")
+    p.set_defaults(func=cmd_raft_transfer_leader)
+
+    snap = sub.add_parser("snapshot", help="save or restore the replicated state")
+    snap_sub = snap.add_subparsers(
+        dest="snapshot_command", metavar="SUBCOMMAND", parser_class=_Parser
+    )
+    snap_sub.required = True
+    p = snap_sub.add_parser("save", parents=[http_parent], help="save a snapshot to FILE")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--stale", action="store_true", help="from this agent's replica")
+    p.set_defaults(func=cmd_snapshot_save)
+    p = snap_sub.add_parser("restore", parents=[http_parent], help="restore the state from FILE")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_snapshot_restore)
     return parser
 
 

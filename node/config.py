@@ -77,6 +77,8 @@ class AgentConfig:
     server_port: int = 8300
     http_port: int = 8500
     dns_port: int = 8600
+    bootstrap_expect: int = 0
+    server_stabilization_time: float = 10.0
     join: tuple[str, ...] = ()
     retry_join: tuple[str, ...] = ()
     retry_interval: float = 30.0
@@ -144,6 +146,10 @@ def _as_int(raw: object, lo: int, hi: int, what: str = "an integer") -> int:
 
 def _port(raw: object) -> int:
     return _as_int(raw, 1, 65535)
+
+
+def _bootstrap_expect(raw: object) -> int:
+    return _as_int(raw, 0, 99)
 
 
 def _bool(raw: object) -> bool:
@@ -272,7 +278,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[object], str]:
     return parse
 
 
-def _retry_interval(raw: object) -> float:
+def _positive_duration(raw: object) -> float:
     value = parse_duration(raw)
     if value <= 0:
         raise ValueError(f"must be a positive duration, got {raw!r}")
@@ -290,9 +296,11 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "server_port": _port,
     "http_port": _port,
     "dns_port": _port,
+    "bootstrap_expect": _bootstrap_expect,
+    "server_stabilization_time": _positive_duration,
     "join": _join_list,
     "retry_join": _join_list,
-    "retry_interval": _retry_interval,
+    "retry_interval": _positive_duration,
     "encrypt": _encrypt,
     "discover": _one_of(DISCOVERY_METHODS),
     "dev": _bool,
@@ -310,6 +318,8 @@ _DEFAULTS: dict[str, Any] = {
     "server_port": 8300,
     "http_port": 8500,
     "dns_port": 8600,
+    "bootstrap_expect": 0,
+    "server_stabilization_time": 10.0,
     "join": (),
     "retry_join": (),
     "retry_interval": 30.0,
@@ -501,6 +511,8 @@ def load_config(
         client=value("client"),
         serf_port=value("serf_port"),
         server_port=value("server_port"),
+        bootstrap_expect=value("bootstrap_expect"),
+        server_stabilization_time=float(value("server_stabilization_time")),
         http_port=value("http_port"),
         dns_port=value("dns_port"),
         join=tuple(value("join")),

@@ -25,6 +25,7 @@ import structlog
 from gossip.keyring import generate_key
 from node import cli
 from node.agent import Agent
+from tests.harness.agents import free_port
 from tests.test_http_api import AgentMaker, FakeRuntime, FakeWorld, fake, make_config, settle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,12 +258,6 @@ async def test_keyring_without_encryption(agent: Agent, capsys: pytest.CaptureFi
 # ----- a real agent process -----
 
 
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> Any:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=2) as r:
@@ -271,14 +266,16 @@ def _get(url: str) -> Any:
 
 @pytest.mark.cluster
 def test_real_dev_agent_members_then_leave(tmp_path: Path) -> None:
-    serf, http = _free_port(socket.SOCK_DGRAM), _free_port()
+    serf, http = free_port("127.0.0.1"), free_port("127.0.0.1", udp=False)
+    server = free_port("127.0.0.1", udp=False)
     env = {**os.environ, "PYTHONPATH": str(REPO), "MESHNODE_HTTP_ADDR": f"127.0.0.1:{http}"}
     base = [sys.executable, "-m", "node"]
     log_path = tmp_path / "agent.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*base, "agent", "--dev", "--node", "solo", "--serf-port", str(serf),
-             "--http-port", str(http), "--log-json", "--log-level", "debug"],
+             "--http-port", str(http), "--server-port", str(server), "--log-json",
+             "--log-level", "debug"],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )  # fmt: skip
     try:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from node.state import StateStore
 from node.state import commands as c
+from tests.harness.state import StoreDriver
 
 SIDS = ["aaaaaaaa-0000-0000-0000-000000000001", "bbbbbbbb-0000-0000-0000-000000000002"]
 KEYS = ["a", "a/b", "a/c", "b", "b/x/y"]
@@ -269,3 +270,31 @@ def test_apply_does_not_depend_on_hash_seed(seq: list[bytes]) -> None:
         local.apply(i, cmd)
     digests.add(hashlib.sha256(local.snapshot()).hexdigest().encode())
     assert len(digests) == 1
+
+
+def test_restore_command_replaces_the_state_at_its_index_and_wakes_watchers() -> None:
+    src = StoreDriver()
+    src.ok(c.kv_set("kept", b"1"))
+    src.ok(c.register("n1", "10.0.0.1", now=0.0))
+    snap = src.store.snapshot()
+
+    dst = StoreDriver()
+    for i in range(5):
+        dst.ok(c.kv_set(f"other{i}", b"x"))
+    woken: list[bool] = []
+    dst.store.watch.notify_all = lambda: woken.append(True)  # type: ignore[method-assign]
+    dst.ok(c.state_restore(snap))
+
+    assert [e["Key"] for e in dst.store.kv.list_prefix("")] == ["kept"]
+    assert dst.store.catalog.node_exists("n1")
+    # the index moves forward to the restore entry, for every table: blocking readers see it
+    assert dst.store.index == dst.i == 6
+    assert dst.store.table_index("kvs") == dst.store.table_index("nodes") == 6
+    assert woken
+
+
+def test_restore_command_with_a_corrupt_snapshot_keeps_the_old_state() -> None:
+    d = StoreDriver()
+    d.ok(c.kv_set("k", b"v"))
+    d.fails(c.state_restore(b"\x93not a snapshot"), "corrupt state snapshot")
+    assert d.store.index == 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -18,7 +17,17 @@ from aiohttp import web
 
 from gossip.keyring import KeyringError, parse_key
 from gossip.member import KeyResponse, Member
-from node.config import CONSUL_COMPAT_VERSION, MESHNODE_VERSION, parse_duration
+from node.api import kv, operator
+from node.api.common import (
+    AGENT_KEY,
+    Handler,
+    agent_of,
+    blocking_params,
+    check_dc,
+    json_response,
+    text_error,
+)
+from node.config import CONSUL_COMPAT_VERSION, MESHNODE_VERSION
 
 if TYPE_CHECKING:
     from node.agent import Agent
@@ -26,27 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["ROUTES", "HTTPServer", "make_app", "member_json"]
 
 log = structlog.get_logger("node.api.http")
-
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
-#: Consul caps blocking queries at 10 minutes and defaults to 5 when only ?index is given.
-MAX_QUERY_TIME = 600.0
-DEFAULT_QUERY_TIME = 300.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _agent(request: web.Request) -> Agent:
-    return request.app[AGENT_KEY]
-
-
-def json_response(request: web.Request, data: Any, status: int = 200) -> web.Response:
-    """JSON like Consul: compact, indented with ?pretty."""
-    indent = 4 if "pretty" in request.query else None
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, indent=indent))
-
-
-def text_error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message, content_type="text/plain")
 
 
 def member_json(m: Member) -> dict[str, Any]:
@@ -66,24 +54,17 @@ def member_json(m: Member) -> dict[str, Any]:
     }
 
 
-def _check_dc(request: web.Request) -> web.Response | None:
-    dc = request.query.get("dc")
-    if dc and dc != _agent(request).config.datacenter:
-        return text_error(500, "No path to datacenter")
-    return None
-
-
 # ----- /v1/agent -----
 
 
 async def agent_members(request: web.Request) -> web.StreamResponse:
     # ?wan and ?segment are accepted and ignored: there is only the LAN pool for now.
-    members = sorted(_agent(request).runtime.members(), key=lambda m: m.name)
+    members = sorted(agent_of(request).runtime.members(), key=lambda m: m.name)
     return json_response(request, [member_json(m) for m in members])
 
 
 async def agent_self(request: web.Request) -> web.StreamResponse:
-    agent = _agent(request)
+    agent = agent_of(request)
     c = agent.config
     body = {
         "Config": {
@@ -113,7 +94,7 @@ async def agent_join(request: web.Request) -> web.StreamResponse:
     if "wan" in request.query:
         return text_error(500, "Must be a server to join WAN cluster")
     try:
-        n = await _agent(request).runtime.join([address])
+        n = await agent_of(request).runtime.join([address])
     except Exception as e:  # Consul reports any join failure as a 500 with the error text
         return text_error(500, str(e) or type(e).__name__)
     log.info("agent.http_join", address=address, nodes=n)
@@ -121,7 +102,7 @@ async def agent_join(request: web.Request) -> web.StreamResponse:
 
 
 async def agent_leave(request: web.Request) -> web.StreamResponse:
-    agent = _agent(request)
+    agent = agent_of(request)
     try:
         await agent.leave()
     except Exception as e:
@@ -135,7 +116,7 @@ async def agent_leave(request: web.Request) -> web.StreamResponse:
 
 
 async def event_fire(request: web.Request) -> web.StreamResponse:
-    if (err := _check_dc(request)) is not None:
+    if (err := check_dc(request)) is not None:
         return err
     name = request.match_info["name"]
     if not name:
@@ -143,7 +124,7 @@ async def event_fire(request: web.Request) -> web.StreamResponse:
     payload = await request.read()
     q = request.query
     try:
-        ev = await _agent(request).fire_event(
+        ev = await agent_of(request).fire_event(
             name,
             payload,
             node_filter=q.get("node", ""),
@@ -155,30 +136,9 @@ async def event_fire(request: web.Request) -> web.StreamResponse:
     return json_response(request, ev.to_json())
 
 
-def _blocking_params(request: web.Request) -> tuple[int, float] | web.Response:
-    q = request.query
-    index = 0
-    if "index" in q:
-        try:
-            index = int(q["index"])
-            if index < 0:
-                raise ValueError
-        except ValueError:
-            return text_error(400, "Invalid index")
-    wait = 0.0
-    if "wait" in q:
-        try:
-            wait = parse_duration(q["wait"])
-        except ValueError:
-            return text_error(400, "Invalid wait time")
-    if index and wait <= 0:
-        wait = DEFAULT_QUERY_TIME
-    return index, min(wait, MAX_QUERY_TIME)
-
-
 async def event_list(request: web.Request) -> web.StreamResponse:
-    agent = _agent(request)
-    params = _blocking_params(request)
+    agent = agent_of(request)
+    params = blocking_params(request)
     if isinstance(params, web.Response):
         return params
     min_index, wait = params
@@ -205,7 +165,7 @@ async def event_list(request: web.Request) -> web.StreamResponse:
 def _keyring_json(request: web.Request, resp: KeyResponse) -> list[dict[str, Any]]:
     body: dict[str, Any] = {
         "WAN": False,
-        "Datacenter": _agent(request).config.datacenter,
+        "Datacenter": agent_of(request).config.datacenter,
         "Segment": "",
         "Keys": dict(resp.keys),
         "PrimaryKeys": dict(resp.primary_keys),
@@ -220,7 +180,7 @@ def _keyring_failure(request: web.Request, resp: KeyResponse) -> str | None:
     """Consul's keyringErrorsOrNil text when any node failed or did not answer."""
     if resp.num_err == 0 and resp.num_resp >= resp.num_nodes:
         return None
-    pool = f"{_agent(request).config.datacenter} (LAN)"
+    pool = f"{agent_of(request).config.datacenter} (LAN)"
     if resp.num_err:
         lines = [f"{pool} error: {resp.num_err}/{resp.num_nodes} nodes reported failure"]
     else:
@@ -247,7 +207,7 @@ async def _key_from_body(request: web.Request) -> bytes | web.Response:
 
 
 async def keyring(request: web.Request) -> web.StreamResponse:
-    agent = _agent(request)
+    agent = agent_of(request)
     if not agent.encryption_enabled:
         return text_error(
             500, "gossip encryption is not enabled on this agent (start it with --encrypt)"
@@ -279,6 +239,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/operator/keyring", keyring),
     ("PUT", "/v1/operator/keyring", keyring),
     ("DELETE", "/v1/operator/keyring", keyring),
+    *kv.ROUTES,
+    *operator.ROUTES,
     # /v1/agent/metrics arrives with the metrics layer: add its row here.
 ]
 
@@ -312,7 +274,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def make_app(agent: Agent) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+    # KV values are capped at 512 KiB by their handler; snapshot restores may be far larger
+    app = web.Application(middlewares=[_errors], client_max_size=operator.MAX_SNAPSHOT_SIZE)
     app[AGENT_KEY] = agent
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

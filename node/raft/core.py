@@ -286,6 +286,11 @@ class RaftNode:
         return self._config
 
     @property
+    def configuration_index(self) -> int:
+        """Index of the entry (or snapshot) the current configuration comes from."""
+        return self._conf_entries[-1][0] if self._conf_entries else self._snap.index
+
+    @property
     def snapshot(self) -> SnapshotMeta:
         return self._snap
 

@@ -135,6 +135,8 @@ class RaftRuntime:
         # before its log holds the configuration that names it): id -> address
         self._addresses: dict[str, str] = {}
         self.cluster_id = ""
+        #: loop time of the last message from the leader (X-Consul-LastContact on followers)
+        self.last_leader_contact = 0.0
         self.dropped_foreign = 0
         self.stopped = False
 
@@ -259,6 +261,8 @@ class RaftRuntime:
                 return
             self.set_cluster_id(cid)
             log.info("raft.cluster_adopted", cluster_id=cid, leader=msg.src)
+        if msg.type in _LEADER_TYPES:
+            self.last_leader_contact = asyncio.get_running_loop().time()
         self._submit(lambda n: n.step(msg))
 
     def set_cluster_id(self, cluster_id: str) -> None:

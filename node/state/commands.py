@@ -255,6 +255,7 @@ SPECS: dict[str, Spec] = {
     "kv_delete_cas": {"key": ("str", True, ""), "index": ("u64", True, 0)},
     "kv_delete_tree": {"prefix": ("str", True, "")},
     "tombstone_reap": {"index": ("u64", True, 0)},
+    "state_restore": {"snapshot": ("bytes", True, b"")},
     "txn": {"ops": ("list", True, [])},
     "session_create": {
         "id": ("str", True, ""),
@@ -418,6 +419,12 @@ def kv_delete_cas(key: str, index: int) -> bytes:
 
 def kv_delete_tree(prefix: str) -> bytes:
     return _encode("kv_delete_tree", prefix=prefix)
+
+
+def state_restore(snapshot: bytes) -> bytes:
+    """Replace the whole state with a snapshot taken by `StateStore.snapshot` (an operator's
+    `meshnode snapshot restore`): through the log, so every replica restores at one index."""
+    return _encode("state_restore", snapshot=snapshot)
 
 
 def tombstone_reap(index: int) -> bytes:

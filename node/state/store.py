@@ -140,6 +140,8 @@ class StateStore:
         env.journal.clear()
         try:
             cmd = decode(command)
+            if cmd.op == "state_restore":
+                return self._restore_at(index, cmd.args["snapshot"])
             env.now = cmd.now
             result = self._dispatch(cmd)
         except CommandError as e:
@@ -158,6 +160,22 @@ class StateStore:
         if touched:
             self._notify(touched)
         return result
+
+    def _restore_at(self, index: int, snapshot: bytes) -> ApplyResult:
+        """Restore, then move every table's index to this entry's so blocking readers wake."""
+        try:
+            self.restore(snapshot)
+        except ValueError as e:
+            self._index = index
+            return ApplyResult(error=str(e), kind="invalid")
+        env = self._p.env
+        env.index = index
+        for table in list(env.table_indexes):
+            env.table_indexes.put(table, index)
+        env.journal.clear()
+        self._index = index
+        self.watch.notify_all()
+        return ApplyResult(True)
 
     def _check_index(self, index: int) -> None:
         if index <= self._index:

@@ -1,0 +1,174 @@
+"""What every HTTP handler shares: the agent accessor, Consul-style responses and errors,
+query parameters (datacenter, consistency, blocking) and the query-meta headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from node.config import parse_duration
+
+if TYPE_CHECKING:
+    from node.agent import Agent
+    from node.consensus import Consensus
+
+__all__ = [
+    "AGENT_KEY",
+    "DEFAULT_QUERY_TIME",
+    "MAX_QUERY_TIME",
+    "Handler",
+    "agent_of",
+    "blocking_params",
+    "blocking_read",
+    "check_dc",
+    "consensus_of",
+    "consistency_mode",
+    "flag",
+    "json_response",
+    "set_query_meta",
+    "text_error",
+    "write_command",
+]
+
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+#: Consul caps blocking queries at 10 minutes and defaults to 5 when only ?index is given.
+MAX_QUERY_TIME = 600.0
+DEFAULT_QUERY_TIME = 300.0
+WRITE_TIMEOUT = 10.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def agent_of(request: web.Request) -> Agent:
+    return request.app[AGENT_KEY]
+
+
+def consensus_of(request: web.Request) -> Consensus:
+    consensus = agent_of(request).consensus
+    if consensus is None:
+        raise web.HTTPInternalServerError(text="this agent runs without the replicated state")
+    return consensus
+
+
+def json_response(request: web.Request, data: Any, status: int = 200) -> web.Response:
+    """JSON like Consul: compact, indented with ?pretty."""
+    indent = 4 if "pretty" in request.query else None
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, indent=indent))
+
+
+def text_error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message, content_type="text/plain")
+
+
+def flag(request: web.Request, name: str) -> bool:
+    """Consul's flag parameters count by presence: ?recurse, ?recurse=, ?recurse=true."""
+    return name in request.query
+
+
+def check_dc(request: web.Request) -> web.Response | None:
+    dc = request.query.get("dc")
+    if dc and dc != agent_of(request).config.datacenter:
+        return text_error(500, "No path to datacenter")
+    return None
+
+
+def consistency_mode(request: web.Request) -> str | web.Response:
+    stale, consistent = flag(request, "stale"), flag(request, "consistent")
+    if stale and consistent:
+        return text_error(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
+    return "stale" if stale else "consistent" if consistent else "default"
+
+
+def blocking_params(request: web.Request) -> tuple[int, float] | web.Response:
+    q = request.query
+    index = 0
+    if "index" in q:
+        try:
+            index = int(q["index"])
+            if index < 0:
+                raise ValueError
+        except ValueError:
+            return text_error(400, "Invalid index")
+    wait = 0.0
+    if "wait" in q:
+        try:
+            wait = parse_duration(q["wait"])
+        except ValueError:
+            return text_error(400, "Invalid wait time")
+    if index and wait <= 0:
+        wait = DEFAULT_QUERY_TIME
+    return index, min(wait, MAX_QUERY_TIME)
+
+
+def set_query_meta(resp: web.StreamResponse, consensus: Consensus, index: int) -> None:
+    """X-Consul-Index (never 0, as Consul forces), KnownLeader and LastContact."""
+    resp.headers["X-Consul-Index"] = str(max(1, index))
+    resp.headers["X-Consul-KnownLeader"] = "true" if consensus.known_leader() else "false"
+    resp.headers["X-Consul-LastContact"] = str(consensus.last_contact_ms())
+
+
+async def blocking_read(
+    request: web.Request,
+    tables: Iterable[str],
+    run: Callable[[], tuple[int, web.StreamResponse]],
+) -> web.StreamResponse:
+    """A read in the request's consistency mode, blocking while ?index= is current.
+
+    `run` reads the local store and returns (index, response). Like Consul, the wait gets up to
+    wait/16 of jitter so that many watchers do not return at once.
+    """
+    from node.consensus import NoLeader
+
+    if (err := check_dc(request)) is not None:
+        return err
+    mode = consistency_mode(request)
+    if isinstance(mode, web.Response):
+        return mode
+    params = blocking_params(request)
+    if isinstance(params, web.Response):
+        return params
+    min_index, wait = params
+    consensus = consensus_of(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait + (random.uniform(0, wait / 16) if wait else 0.0)
+    names = list(tables)
+    while True:
+        try:
+            await consensus.read_barrier(mode)
+        except NoLeader:
+            return text_error(500, "No cluster leader")
+        index, resp = run()
+        remaining = deadline - loop.time()
+        if not min_index or index > min_index or remaining <= 0:
+            set_query_meta(resp, consensus, index)
+            return resp
+        # wait for a write after what this read saw (a write elsewhere in the tables wakes
+        # us without moving this result's index: then we wait again)
+        store = consensus.store
+        await store.watch.wait(names, max(min_index, store.table_index(names)), remaining)
+
+
+async def write_command(request: web.Request, command: bytes) -> Any:
+    """Propose a command: its result's value, or the error response Consul would give (a
+    web.Response, which the caller returns as is)."""
+    from node.consensus import NoLeader, WriteTimeout
+    from node.raft.transport import RPCError
+
+    try:
+        result = await consensus_of(request).write(command, WRITE_TIMEOUT)
+    except NoLeader:
+        return text_error(500, "No cluster leader")
+    except WriteTimeout as e:
+        return text_error(500, f"timed out waiting for the write to be applied ({e}); "
+                               "it may still be applied")  # fmt: skip
+    except RPCError as e:
+        return text_error(500, str(e))
+    if result.ok:
+        return result.value
+    status = {"too_large": 413, "invalid": 400}.get(result.kind or "", 500)
+    return text_error(status, result.error or "write rejected")
