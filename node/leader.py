@@ -185,7 +185,9 @@ class LeaderDuties:
         self, store: StateStore, now: float, ttl: float = TOMBSTONE_TTL
     ) -> int | None:
         """The index to reap tombstones up to, once tombstones written before it are old."""
-        index = store.table_index("tombstones")
+        # a delete moves the kvs index too, so it bounds every tombstone written so far (the
+        # tombstones index itself also moves when a reap is applied)
+        index = store.table_index("kvs")
         last = self._tomb_samples[-1] if self._tomb_samples else None
         if len(store.kv.tombstones) and index > self._reaped_to and (last is None or (
             index != last[1] and now - last[0] >= TOMBSTONE_GRANULARITY

@@ -721,3 +721,23 @@ def test_random_well_formed_nonsense_never_crashes_the_core() -> None:
         if k % 7 == 0:
             net.nodes[rng.choice(ids[:3])].tick()
         net.flush()
+
+
+def test_campaign_elects_a_sole_voter_without_waiting_for_a_timeout() -> None:
+    net = Net(1)
+    node = net.nodes["n1"]
+    assert node.role is not Role.LEADER
+    node.campaign()
+    net.flush()
+    assert node.role is Role.LEADER and node.leader_id == "n1"
+
+
+def test_campaign_in_a_cluster_runs_a_normal_election() -> None:
+    net = Net(3)
+    net.nodes["n2"].campaign()
+    net.flush()
+    assert net.nodes["n2"].role is Role.LEADER
+    assert {n.leader_id for n in net.nodes.values()} == {"n2"}
+    net.nodes["n2"].campaign()  # a leader ignores it
+    net.flush()
+    assert net.nodes["n2"].role is Role.LEADER

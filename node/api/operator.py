@@ -148,7 +148,8 @@ def unpack_snapshot(archive: bytes) -> tuple[dict[str, Any], bytes]:
     """(meta, state bytes); SnapshotError when the archive is damaged or not a snapshot."""
     try:
         files: dict[str, bytes] = {}
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar_bytes = gzip.decompress(archive)  # checks the gzip CRC and length: no truncation
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
             for member in tar.getmembers():
                 f = tar.extractfile(member) if member.isfile() else None
                 if f is not None:

@@ -362,6 +362,13 @@ class RaftNode:
             self._election_elapsed = 0
             self._campaign(transfer=False)
 
+    def campaign(self) -> None:
+        """Start an election now instead of after a timeout (etcd's MsgHup): a sole voter has
+        nobody to wait for."""
+        if self.role is not Role.LEADER and self._promotable():
+            self._election_elapsed = 0
+            self._campaign(transfer=False)
+
     def propose(self, data: bytes) -> int:
         return self._propose(EntryType.NORMAL, data)
 

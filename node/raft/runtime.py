@@ -164,6 +164,7 @@ class RaftRuntime:
             snapshot_data=snap[1] if snap is not None else None,
         )
         await self.transport.start()
+        self._campaign_if_alone()
         self._tasks = [
             asyncio.create_task(self._ready_loop(), name="raft-ready"),
             asyncio.create_task(self._ticker(), name="raft-tick"),
@@ -293,6 +294,16 @@ class RaftRuntime:
 
     def bootstrap(self, config: Configuration) -> None:
         self._submit(lambda n: n.bootstrap(config))
+        self._campaign_if_alone()
+
+    def _campaign_if_alone(self) -> None:
+        """A one-voter cluster elects itself at once (a --dev agent is ready within a second)."""
+
+        def campaign(n: RaftNode) -> None:
+            if n.configuration.voters == {self.node_id}:
+                n.campaign()
+
+        self._submit(campaign)
 
     async def apply(self, command: bytes, timeout: float = 10.0, *, forward: bool = True) -> Any:
         """Replicate `command` and return the state machine's result once it is applied here.
