@@ -38,6 +38,8 @@ def _start_agent(name: str, ip: str, data: Path, join: str | None) -> subprocess
         ip,
         "--data-dir",
         str(data / name),
+        "--bootstrap-expect",
+        str(len(NODES)),
     ]
     if join:
         argv += ["--join", join]
@@ -54,11 +56,21 @@ def _members(ip: str) -> list[dict[str, object]] | None:
         return None
 
 
+def _leader(ip: str) -> str:
+    try:
+        with urllib.request.urlopen(f"http://{ip}:8500/v1/status/leader", timeout=1) as r:
+            return str(json.load(r))
+    except (OSError, urllib.error.URLError, ValueError):
+        return ""
+
+
 def _wait_converged(timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         views = [_members(ip) for _, ip in NODES]
-        if all(v is not None and sum(m.get("Status") == 1 for m in v) == len(NODES) for v in views):
+        if all(
+            v is not None and sum(m.get("Status") == 1 for m in v) == len(NODES) for v in views
+        ) and all(_leader(ip) for _, ip in NODES):
             return True
         time.sleep(0.2)
     return False
@@ -85,19 +97,21 @@ def main() -> int:
             procs.append(_start_agent(name, ip, data, None if i == 0 else f"{NODES[0][1]}:8301"))
             if i == 0:
                 time.sleep(1.0)
-        if not _wait_converged(20):
+        if not _wait_converged(30):
             print(f"the cluster did not form; logs are in {data}", file=sys.stderr)
             return 1
         print(
             f"""
-meshnode demo: 3 agents on 127.0.0.1-3 (gossip :8301, HTTP :8500), demo web service on
-http://127.0.0.1:{DEMO_PORT}/ . Logs and data: {data}
+meshnode demo: 3 agents on 127.0.0.1-3 (gossip :8301, Raft :8300, HTTP :8500), one Raft
+cluster (leader {_leader(NODES[0][1])}), demo web service on http://127.0.0.1:{DEMO_PORT}/ .
+Logs and data: {data}
 
 Try, in another terminal (source .venv/bin/activate first):
   meshnode members
-  curl -s http://127.0.0.1:8500/v1/agent/members
+  meshnode operator raft list-peers
+  meshnode kv put greeting hello && meshnode kv get greeting --http-addr 127.0.0.3:8500
+  curl -s 'http://127.0.0.2:8500/v1/kv/greeting?consistent'
   meshnode event deploy v2 && curl -s http://127.0.0.2:8500/v1/event/list
-  meshnode members --http-addr http://127.0.0.3:8500
   kill -9 {procs[2].pid}        # node3: the others see it failed within seconds
   curl -s http://127.0.0.1:{DEMO_PORT}/
 
