@@ -30,8 +30,11 @@ from gossip.member import Member, MemberStatus
 from node.leader import LeaderDuties, MemberInfo, catalog_commands
 from node.raft.autopilot import AutopilotConfig, Health, MemberView, next_change
 from node.raft.bootstrap import Candidate, PromiseStore, bootstrap_set, coordinator
+from node.agent import AgentError
 from node.raft.core import RaftConfig
+from node.raft.recovery import RecoveryError
 from node.raft.runtime import NoLeader, RaftRuntime, WriteTimeout
+from node.raft.storage import RaftStorageError
 from node.raft.transport import RPCError, TransportError
 from node.raft.types import Configuration, Server
 from node.state import ApplyResult, StateStore
@@ -106,6 +109,8 @@ class Consensus:
             await raft.start()
         except OSError as e:
             raise OSError(e.errno, f"server port {c.bind}:{c.server_port}: {e.strerror}") from None
+        except (RecoveryError, RaftStorageError) as e:
+            raise AgentError(f"cannot start Raft from {raft_dir}: {e}") from None
         self._advertised = f"{self.agent.runtime.local_member().ip}:{raft.port}"
         if c.dev:
             await self._maybe_bootstrap({})  # a one-node cluster, ready before the HTTP API

@@ -4,10 +4,14 @@ store: bootstrap, replicated writes (also forwarded from followers), ReadIndex r
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 
+import pytest
+
 from node.raft.core import RaftConfig
+from node.raft.recovery import RecoveryError, parse_peers
 from node.raft.runtime import RaftRuntime
 from node.raft.types import Configuration, Server
 from node.state import commands
@@ -88,3 +92,63 @@ async def test_foreign_cluster_messages_are_dropped(tmp_path: Path) -> None:
     finally:
         for rt in rts:
             await rt.stop()
+
+
+async def test_peers_json_recovers_a_survivor_that_lost_quorum(tmp_path: Path) -> None:
+    rts = await start_cluster(tmp_path)
+    try:
+        cfg = config_of(rts)
+        for rt in rts:
+            rt.set_cluster_id("c1")
+            rt.bootstrap(cfg)
+        await rts[0].wait_for_leader(10)
+        for i in range(5):
+            assert (await rts[i % 3].apply(commands.kv_set(f"k{i}", b"v"), 10)).ok
+        await rts[0].read_barrier(10)
+    finally:
+        for rt in rts:
+            await rt.stop()
+    # two of three voters are gone for good: node 0 alone can never win an election...
+    survivor = tmp_path / "n0"
+    (survivor / "peers.json").write_text("[{broken")
+    bad = RaftRuntime(node_id="id0", data_dir=survivor, host="127.0.0.1", port=0,
+                      fsm=StateStore(), tick_interval=0.02)  # fmt: skip
+    with pytest.raises(RecoveryError, match="not valid JSON"):
+        await bad.start()
+    await bad.stop()
+    assert (survivor / "peers.json").exists()  # a bad file changes nothing and stays
+    # ...until the operator lists it as the only server in peers.json
+    (survivor / "peers.json").write_text(
+        json.dumps([{"id": "id0", "address": "127.0.0.1:1", "non_voter": False}])
+    )
+    rt = RaftRuntime(node_id="id0", data_dir=survivor, host="127.0.0.1", port=0,
+                     fsm=StateStore(), tick_interval=0.02)  # fmt: skip
+    await rt.start()
+    try:
+        assert await rt.wait_for_leader(5) == "id0"
+        assert rt.configuration.voters == {"id0"}
+        assert (await rt.apply(commands.kv_set("after", b"1"), 5)).ok
+        store = rt.fsm
+        assert isinstance(store, StateStore)
+        assert [e["Key"] for e in store.kv.list_prefix("")] == [
+            "after", "k0", "k1", "k2", "k3", "k4",
+        ]  # fmt: skip
+        assert not (survivor / "peers.json").exists() and (survivor / "peers.info").exists()
+    finally:
+        await rt.stop()
+
+
+def test_peers_json_is_validated() -> None:
+    ok = parse_peers('[{"id": "a", "address": "10.0.0.1:8300"}, '
+                     '{"id": "b", "address": "10.0.0.2:8300", "non_voter": true}]')  # fmt: skip
+    assert ok.voters == {"a"} and ok.learners == {"b"}
+    for text, err in [
+        ("{}", "non-empty JSON list"),
+        ("[]", "non-empty JSON list"),
+        ('[{"address": "x:1"}]', "missing id"),
+        ('[{"id": "a", "address": "nope"}]', "ip:port"),
+        ('[{"id": "a", "address": "h:1"}, {"id": "a", "address": "h:2"}]', "duplicate"),
+        ('[{"id": "a", "address": "h:1", "non_voter": true}]', "no voter"),
+    ]:
+        with pytest.raises(RecoveryError, match=err):
+            parse_peers(text)

@@ -41,6 +41,7 @@ from node.raft.core import (
     Role,
 )
 from node.raft.messages import Message, MessageError, MessageType
+from node.raft.recovery import recover
 from node.raft.storage import RaftStorage
 from node.raft.transport import RaftTransport, RPCError, TransportError
 from node.raft.types import Configuration, EntryType, SnapshotMeta
@@ -146,6 +147,10 @@ class RaftRuntime:
         loop = asyncio.get_running_loop()
         storage = await loop.run_in_executor(self._io, RaftStorage.open, self.data_dir)
         self.storage = storage
+        recovered = await loop.run_in_executor(self._io, recover, self.data_dir, storage, self.fsm)
+        if recovered is not None:
+            log.warning("raft.recovered_from_peers_json", voters=sorted(recovered.voters),
+                        learners=sorted(recovered.learners))  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             self.cluster_id = (self.data_dir / CLUSTER_ID_FILE).read_text().strip()
         snap = await loop.run_in_executor(self._io, storage.load_snapshot)
