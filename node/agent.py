@@ -426,7 +426,7 @@ class Agent:
         self.components.append(component)
 
     def stats(self) -> dict[str, dict[str, str]]:
-        return {
+        stats = {
             "build": {
                 "prerelease": "",
                 "revision": f"meshnode-{MESHNODE_VERSION}",
@@ -443,6 +443,9 @@ class Agent:
             },
             "serf_lan": {k: str(v) for k, v in self.runtime.stats().items()},
         }
+        if self.consensus is not None and self.consensus.raft is not None:
+            stats.update(self.consensus.stats())
+        return stats
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gossip.member import Member, MemberStatus
+from node.agent import AgentError
 from node.leader import LeaderDuties, MemberInfo, catalog_commands
 from node.raft.autopilot import AutopilotConfig, Health, MemberView, next_change
 from node.raft.bootstrap import Candidate, PromiseStore, bootstrap_set, coordinator
-from node.agent import AgentError
 from node.raft.core import RaftConfig
 from node.raft.recovery import RecoveryError
 from node.raft.runtime import NoLeader, RaftRuntime, WriteTimeout
@@ -377,6 +377,39 @@ class Consensus:
 
     def is_leader(self) -> bool:
         return self.raft is not None and self.raft.is_leader
+
+    def is_voter(self) -> bool:
+        return self.raft is not None and self.raft.node_id in self.configuration().voters
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """The "consul" and "raft" sections of /v1/agent/self Stats, in Consul's names."""
+        raft = self._raft()
+        node = raft.node
+        assert node is not None
+        config = node.configuration
+        role = "Leader" if raft.is_leader else "Follower" if self.is_voter() else "Learner"
+        return {
+            "consul": {
+                "acl": "disabled",
+                "server": str(self.is_voter()).lower(),
+                "leader": str(raft.is_leader).lower(),
+                "leader_addr": self.leader_address(),
+                "known_servers": str(len(config.voters)),
+                "bootstrap": str(self.agent.config.bootstrap_expect == 1).lower(),
+            },
+            "raft": {
+                "state": role,
+                "term": str(node.term),
+                "last_log_index": str(node.last_index),
+                "commit_index": str(node.commit_index),
+                "applied_index": str(raft.applied),
+                "fsm_pending": str(node.commit_index - raft.applied),
+                "last_snapshot_index": str(node.snapshot.index),
+                "num_peers": str(max(0, len(config.voters) - 1)),
+                "learners": str(len(config.learners)),
+                "last_contact": f"{self.last_contact_ms()}ms",
+            },
+        }
 
     async def remove_peer(self, server_id: str) -> None:
         raft = self._raft()

@@ -215,6 +215,11 @@ async def test_status_and_raft_configuration(agent: Agent, http: aiohttp.ClientS
     addr = f"127.0.0.1:{consensus.raft.port}"
     assert (await get(http, "/v1/status/leader"))[1] == addr
     assert (await get(http, "/v1/status/peers"))[1] == [addr]
+    _, me, _ = await get(http, "/v1/agent/self")
+    assert isinstance(me, dict) and me["Config"]["Server"] is True
+    stats = me["Stats"]
+    assert stats["consul"]["leader_addr"] == addr and stats["consul"]["server"] == "true"
+    assert stats["raft"]["state"] == "Leader" and int(stats["raft"]["applied_index"]) > 0
     status, body, headers = await get(http, "/v1/operator/raft/configuration")
     assert status == 200 and isinstance(body, dict)
     (srv,) = body["Servers"]

@@ -74,7 +74,7 @@ async def agent_self(request: web.Request) -> web.StreamResponse:
             "NodeID": agent.node_id,
             "Partition": "",
             "Revision": f"meshnode-{MESHNODE_VERSION}",
-            "Server": False,
+            "Server": agent.consensus is not None and agent.consensus.is_voter(),
             "Version": CONSUL_COMPAT_VERSION,
             "BuildDate": "",
             "MeshnodeVersion": MESHNODE_VERSION,
