@@ -564,6 +564,19 @@ def test_read_index_on_the_leader_needs_a_heartbeat_quorum() -> None:
     assert [r.ctx for r in net.reads["n1"]] == [b"r1"], "no quorum ack, no read"
 
 
+def test_reads_arriving_together_share_one_heartbeat_round() -> None:
+    net = Net(3)
+    leader = net.elect("n1")
+    net.sent.clear()
+    for i in range(10):
+        leader.read_index(b"r%d" % i)
+    net.flush()
+    heartbeats = [m for m in net.sent if m.type == MessageType.HEARTBEAT and m.src == "n1"]
+    assert len(heartbeats) == 2  # one per follower, not one per read
+    assert [r.ctx for r in net.reads["n1"]] == [b"r%d" % i for i in range(10)]
+    assert {r.index for r in net.reads["n1"]} == {leader.commit_index}
+
+
 def test_read_index_on_a_follower_is_forwarded_to_the_leader() -> None:
     net = Net(3)
     leader = net.elect("n1")

@@ -259,6 +259,8 @@ class RaftNode:
         self._read_seq = 0
         self._read_reqs: deque[tuple[int, int, bytes, str]] = deque()
         self._read_acks: dict[str, int] = {}
+        # reads arrived since the last heartbeat: one round (sent at the next ready) serves all
+        self._read_round_pending = False
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
         self._pending_snapshot: tuple[SnapshotMeta, bytes] | None = None
@@ -475,6 +477,7 @@ class RaftNode:
             self._msgs
             or self._read_states
             or self._bcast_pending
+            or self._read_round_pending
             or self._pending_snapshot is not None
             or self._unstable <= self.last_index
             or self._applying < self.commit_index
@@ -491,6 +494,8 @@ class RaftNode:
         if self._bcast_pending:
             self._bcast_pending = False
             self._bcast_append()
+        if self._read_round_pending:
+            self._bcast_heartbeat()
         hs: HardState | None = None
         if (
             self._prev_hs.term != self.term
@@ -561,6 +566,7 @@ class RaftNode:
         self._reads_before_commit = []
         self._read_reqs.clear()
         self._read_acks = {}
+        self._read_round_pending = False
 
     def _become_follower(self, term: int, leader: str | None) -> None:
         was = self.role
@@ -854,6 +860,7 @@ class RaftNode:
                 self._send_append(pid, True)
 
     def _bcast_heartbeat(self) -> None:
+        self._read_round_pending = False
         ctx = _seq_ctx(self._read_seq) if self._read_reqs else b""
         for pid, pr in self._prs.items():
             if pid != self.id:
@@ -1053,9 +1060,10 @@ class RaftNode:
         if self._voters == {self.id}:
             self._read_done(ctx, self.commit_index, src)
             return
-        self._read_seq += 1
+        if not self._read_round_pending:
+            self._read_seq += 1
+            self._read_round_pending = True
         self._read_reqs.append((self._read_seq, self.commit_index, ctx, src))
-        self._bcast_heartbeat()
 
     def _release_reads(self) -> None:
         """Answer every request whose heartbeat round a quorum of voters acknowledged."""
