@@ -508,6 +508,8 @@ class Agent:
             if self._left or not self._runtime_started:
                 return
             log.info("agent.leaving", node=self.config.node)
+            if self.consensus is not None:
+                await self.consensus.leave()
             await self.runtime.leave()
             self._left = True
             log.info("agent.left", node=self.config.node)

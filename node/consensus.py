@@ -31,7 +31,7 @@ from node.agent import AgentError
 from node.leader import LeaderDuties, MemberInfo, catalog_commands
 from node.raft.autopilot import AutopilotConfig, Health, MemberView, next_change
 from node.raft.bootstrap import Candidate, PromiseStore, bootstrap_set, coordinator
-from node.raft.core import RaftConfig
+from node.raft.core import ConfigChangeError, NotLeader, ProposalDropped, RaftConfig
 from node.raft.recovery import RecoveryError
 from node.raft.runtime import NoLeader, RaftRuntime, WriteTimeout
 from node.raft.storage import RaftStorageError
@@ -100,7 +100,7 @@ class Consensus:
             {
                 "bootstrap_promise": self._rpc_promise,
                 "bootstrap_commit": self._rpc_commit,
-                "change_config": self._rpc_change_config,
+                "remove_peer": self._rpc_remove_peer,
                 "transfer_leader": self._rpc_transfer_leader,
                 "session_renew": self._rpc_session_renew,
             }
@@ -129,6 +129,27 @@ class Consensus:
             await self.raft.stop()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    async def leave(self, timeout: float = 5.0) -> None:
+        """Before a graceful leave, a voter takes itself out of the configuration (as Consul's
+        servers do), so several voters leaving together never strand the rest without a quorum.
+        Best effort: gossip reports the leave anyway, and the leader then removes what is left."""
+        raft = self.raft
+        if raft is None or raft.node_id not in raft.configuration.voters:
+            return
+        if len(raft.configuration.voters) == 1:
+            return  # the last voter: nobody could take over
+        try:
+            async with asyncio.timeout(timeout):
+                await self._hand_over()
+                log.info("consensus.leaving_configuration")
+                await self.remove_peer(raft.node_id, allow_self=True)
+                # autopilot may add us back as a learner until gossip reports the leave: fine,
+                # a learner's absence costs no quorum
+                while raft.node_id in raft.configuration.voters:
+                    await asyncio.sleep(0.05)
+        except Exception as e:  # a leave must go on even without a leader
+            log.warning("consensus.leave_configuration_failed", error=str(e) or repr(e))
 
     async def _hand_over(self) -> None:
         """A leader that stops passes leadership on first, so writes pause for a round trip
@@ -411,13 +432,13 @@ class Consensus:
             },
         }
 
-    async def remove_peer(self, server_id: str) -> None:
+    async def remove_peer(self, server_id: str, *, allow_self: bool = False) -> None:
         raft = self._raft()
         if server_id not in raft.configuration.servers:
             raise KeyError(server_id)
-        if server_id == raft.leader_id:
+        if server_id == raft.leader_id and not (allow_self and server_id == raft.node_id):
             raise ValueError("cannot remove the leader; transfer leadership first")
-        await self._leader_call("change_config", raft.configuration.without(server_id).to_wire())
+        await self._leader_call("remove_peer", server_id)
 
     async def transfer_leader(self, target: str = "") -> str:
         return str(await self._leader_call("transfer_leader", target))
@@ -444,12 +465,22 @@ class Consensus:
             raise RPCError("not the leader")
         return raft
 
-    async def _rpc_change_config(self, args: Any) -> bool:
+    async def _rpc_remove_peer(self, args: Any) -> bool:
+        """The leader computes the new configuration from its own (current) one, so removals
+        asked by several agents at once never undo each other."""
         raft = self._require_leader()
-        try:
-            await raft.change_config(Configuration.from_wire(args), timeout=10.0)
-        except (TypeError, ValueError, IndexError, KeyError) as e:
-            raise RPCError(f"bad configuration: {e}") from None
+        sid = str(args)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while sid in raft.configuration.servers:
+            try:
+                await raft.change_config(raft.configuration.without(sid), timeout=10.0)
+            except ConfigChangeError as e:  # another change is still committing
+                if loop.time() > deadline:
+                    raise RPCError(f"cannot remove {sid}: {e}") from None
+                await asyncio.sleep(0.1)
+            except (NotLeader, ProposalDropped) as e:
+                raise RPCError(f"not the leader any more: {e}") from None
         return True
 
     async def _rpc_transfer_leader(self, args: Any) -> str:

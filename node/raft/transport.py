@@ -289,6 +289,10 @@ class RaftTransport:
                     self.stats.bad_frames += 1
         except (asyncio.IncompleteReadError, OSError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # stop() cancels connection handlers; ending normally keeps asyncio's
+            # start_server callback (3.11) from logging the cancellation as an error
+            pass
         finally:
             for t in requests:
                 t.cancel()
