@@ -328,10 +328,10 @@ def cmd_kv_put(ns: argparse.Namespace) -> int:
     index = _u64_flag("--modify-index", ns.modify_index)
     if ns.cas and index is None:
         raise UsageError("--cas: needs --modify-index (0 writes only if the key does not exist)")
-    value = _kv_value(ns.value) if ns.value is not None else b""
-    path = _kv_path(ns.key, flags=flags, cas=index if ns.cas else None)
     if not ns.key:
         raise UsageError("KEY: must not be empty")
+    value = _kv_value(ns.value) if ns.value is not None else b""
+    path = _kv_path(ns.key, flags=flags, cas=index if ns.cas else None)
     raw = _client(ns).request("PUT", path, value)
     if raw.strip() != b"true":
         print(f"Error! Did not write to {ns.key}: CAS failed", file=sys.stderr)

@@ -42,14 +42,19 @@ def config_of(rts: list[RaftRuntime]) -> Configuration:
     )
 
 
+async def bootstrap(rts: list[RaftRuntime]) -> str:
+    """Bootstrap all of them as cluster "c1"; the elected leader's ID."""
+    cfg = config_of(rts)
+    for rt in rts:
+        rt.set_cluster_id("c1")
+        rt.bootstrap(cfg)
+    return await rts[0].wait_for_leader(10)
+
+
 async def test_bootstrap_write_forward_read_and_restart(tmp_path: Path) -> None:
     rts = await start_cluster(tmp_path)
     try:
-        cfg = config_of(rts)
-        for rt in rts:
-            rt.set_cluster_id("c1")
-            rt.bootstrap(cfg)
-        leader = await rts[0].wait_for_leader(10)
+        leader = await bootstrap(rts)
         assert all([await rt.wait_for_leader(10) == leader for rt in rts])
         for i, rt in enumerate(rts):  # the followers forward to the leader
             res = await rt.apply(commands.kv_set(f"k{i}", f"v{i}".encode()), 10)
@@ -97,11 +102,7 @@ async def test_foreign_cluster_messages_are_dropped(tmp_path: Path) -> None:
 async def test_peers_json_recovers_a_survivor_that_lost_quorum(tmp_path: Path) -> None:
     rts = await start_cluster(tmp_path)
     try:
-        cfg = config_of(rts)
-        for rt in rts:
-            rt.set_cluster_id("c1")
-            rt.bootstrap(cfg)
-        await rts[0].wait_for_leader(10)
+        await bootstrap(rts)
         for i in range(5):
             assert (await rts[i % 3].apply(commands.kv_set(f"k{i}", b"v"), 10)).ok
         await rts[0].read_barrier(10)
