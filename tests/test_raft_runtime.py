@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from node.state import commands
 from node.state.store import StateStore
 
 
-async def start_cluster(tmp: Path, ports: list[int] | None = None) -> list[RaftRuntime]:
+async def start_cluster(tmp: Path, ports: list[int] | None = None, **kw: Any) -> list[RaftRuntime]:
     rts = []
     for i in range(3):
         rt = RaftRuntime(
@@ -30,6 +31,7 @@ async def start_cluster(tmp: Path, ports: list[int] | None = None) -> list[RaftR
             config=RaftConfig(),
             tick_interval=0.02,
             rng=random.Random(i),
+            **kw,
         )
         await rt.start()
         rts.append(rt)
@@ -153,3 +155,37 @@ def test_peers_json_is_validated() -> None:
     ]:
         with pytest.raises(RecoveryError, match=err):
             parse_peers(text)
+
+
+async def test_snapshots_compact_the_log_and_bring_a_lagging_follower_back(tmp_path: Path) -> None:
+    rts = await start_cluster(tmp_path, snapshot_threshold=50, snapshot_interval=0.0)
+    lagging: RaftRuntime | None = None
+    try:
+        leader_id = await bootstrap(rts)
+        leader = next(rt for rt in rts if rt.node_id == leader_id)
+        lagging = next(rt for rt in rts if rt is not leader)
+        port = lagging.port
+        await lagging.stop()
+        rts.remove(lagging)
+        for i in range(300):  # the two that remain are a quorum
+            assert (await leader.apply(commands.kv_set(f"k{i:03}", b"v"), 10)).ok
+        storage = leader.storage
+        assert storage is not None and storage.snapshot_meta.index >= 250
+        assert storage.first_index > 50  # the log before the snapshot is gone
+        lagging = RaftRuntime(
+            node_id=lagging.node_id,
+            data_dir=lagging.data_dir,
+            host="127.0.0.1",
+            port=port,
+            fsm=StateStore(),
+            tick_interval=0.02,
+        )
+        await lagging.start()
+        rts.append(lagging)
+        await lagging.read_barrier(10)  # needs InstallSnapshot: the entries it misses are gone
+        store = lagging.fsm
+        assert isinstance(store, StateStore)
+        assert len(store.kv.list_prefix("k")) == 300
+    finally:
+        for rt in rts:
+            await rt.stop()

@@ -43,7 +43,7 @@ from node.raft.core import (
 from node.raft.messages import Message, MessageError, MessageType
 from node.raft.recovery import recover
 from node.raft.storage import RaftStorage
-from node.raft.transport import RaftTransport, RPCError, TransportError
+from node.raft.transport import NotSent, RaftTransport, RPCError, TransportError
 from node.raft.types import Configuration, EntryType, SnapshotMeta
 
 __all__ = [
@@ -55,8 +55,12 @@ __all__ = [
 
 log = structlog.get_logger("raft.runtime")
 
-#: take a snapshot and compact the log after this many applied entries
-SNAPSHOT_THRESHOLD = 8192
+#: snapshot and compact once this many entries were applied since the last snapshot and
+#: SNAPSHOT_INTERVAL passed (Consul's snapshot_threshold and snapshot_interval); at
+#: SNAPSHOT_HARD_LIMIT_FACTOR times the threshold whatever the time, so memory stays bounded
+SNAPSHOT_THRESHOLD = 16384
+SNAPSHOT_INTERVAL = 30.0
+SNAPSHOT_HARD_LIMIT_FACTOR = 8
 CLUSTER_ID_FILE = "cluster_id"
 #: only a leader's traffic may make a pristine node adopt a cluster ID
 _LEADER_TYPES = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
@@ -107,6 +111,8 @@ class RaftRuntime:
         tick_interval: float = 0.1,
         rng: random.Random | None = None,
         on_leader_change: Callable[[str | None], None] | None = None,
+        snapshot_threshold: int = SNAPSHOT_THRESHOLD,
+        snapshot_interval: float = SNAPSHOT_INTERVAL,
     ) -> None:
         self.node_id = node_id
         self.data_dir = data_dir
@@ -115,6 +121,9 @@ class RaftRuntime:
         self.tick_interval = tick_interval
         self.rng = rng or random.Random()
         self.on_leader_change = on_leader_change
+        self.snapshot_threshold = snapshot_threshold
+        self.snapshot_interval = snapshot_interval
+        self._last_snapshot_at = 0.0
         self.transport = RaftTransport(
             host, port, keyring=keyring, on_message=self._on_wire, on_request=self._on_request
         )
@@ -344,6 +353,12 @@ class RaftRuntime:
             try:
                 wire = await self.transport.call(addr, "apply", [command, left], left + 0.5)
                 return self.fsm.result_from_wire(wire)
+            except NotSent as e:
+                # the leader is unreachable (most likely dead) and the write never left: wait
+                # for the election to name another, or for the connection to come back
+                if loop.time() >= deadline:
+                    raise NoLeader(f"cannot reach the leader: {e}") from None
+                await asyncio.sleep(0.05)
             except TransportError as e:
                 raise WriteTimeout(f"forwarding to the leader failed: {e}") from None
             except RPCError as e:
@@ -527,12 +542,23 @@ class RaftRuntime:
         # leader, and a different entry at its index fails it in _apply
 
     async def _maybe_compact(self, node: RaftNode, storage: RaftStorage) -> None:
-        if self._applied - self._snapshot_index < SNAPSHOT_THRESHOLD:
+        behind = self._applied - self._snapshot_index
+        if behind < self.snapshot_threshold:
             return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if (
+            behind < SNAPSHOT_HARD_LIMIT_FACTOR * self.snapshot_threshold
+            and now - self._last_snapshot_at < self.snapshot_interval
+        ):
+            return
+        self._last_snapshot_at = now
         index = self._applied
         meta = node.snapshot_meta(index)
-        data = self.fsm.snapshot()
-        await asyncio.get_running_loop().run_in_executor(self._io, storage.compact, meta, data)
+        # serialized on the I/O thread (nothing is applied meanwhile: this loop is waiting), so
+        # the event loop keeps serving reads while a large state is written out
+        data = await loop.run_in_executor(self._io, self.fsm.snapshot)
+        await loop.run_in_executor(self._io, storage.compact, meta, data)
         node.compact(meta, data)
         self._snapshot_index = index
         log.info("raft.snapshot_taken", index=index, bytes=len(data))

@@ -29,7 +29,7 @@ import structlog
 
 from gossip.keyring import DecryptError, Keyring
 
-__all__ = ["RPCError", "RaftTransport", "TransportError", "TransportStats"]
+__all__ = ["NotSent", "RPCError", "RaftTransport", "TransportError", "TransportStats"]
 
 log = structlog.get_logger("raft.transport")
 
@@ -46,6 +46,10 @@ RPCHandler = Callable[[str, Any], Awaitable[Any]]
 
 class TransportError(Exception):
     """The peer could not be reached or the connection broke before an answer."""
+
+
+class NotSent(TransportError):
+    """The request never left this node (no connection): retrying cannot apply it twice."""
 
 
 class RPCError(Exception):
@@ -90,6 +94,8 @@ class _Peer:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.task = asyncio.create_task(self._run(), name=f"raft-peer-{address}")
         self.connected = asyncio.Event()
+        #: the last connection attempt failed: requests fail at once (NotSent) until one works
+        self.down = False
 
     async def _run(self) -> None:
         host, _, port = self.address.rpartition(":")
@@ -99,9 +105,10 @@ class _Peer:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT
                 )
-            except (OSError, TimeoutError, ValueError):
+            except (OSError, TimeoutError, ValueError, RuntimeError):
                 self.t.stats.connect_failures += 1
-                self._fail_pending("cannot connect")
+                self.down = True
+                self._fail_pending("cannot connect", NotSent)
                 # nobody reads old messages while the peer is away; Raft resends what matters
                 while not self.queue.empty():
                     self.queue.get_nowait()
@@ -109,16 +116,23 @@ class _Peer:
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            self.down = False
             self.connected.set()
             rtask = asyncio.create_task(self._read_responses(reader))
             try:
                 await self._write_loop(writer, rtask)
             except (OSError, ConnectionError):
                 pass
+            except Exception as e:
+                # uvloop raises RuntimeError when writing to a transport the peer closed; any
+                # error must end in a reconnect, never in a dead task that silently queues
+                # everything for this peer from then on
+                log.info("raft.peer_connection_error", peer=self.address, error=repr(e))
             finally:
                 self.connected.clear()
                 rtask.cancel()
-                writer.close()
+                with contextlib.suppress(Exception):
+                    writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
                 self._fail_pending("connection lost")
@@ -156,10 +170,10 @@ class _Peer:
                     else:
                         fut.set_exception(RPCError(str(result)))
 
-    def _fail_pending(self, why: str) -> None:
+    def _fail_pending(self, why: str, error: type[TransportError] = TransportError) -> None:
         for fut in self.pending.values():
             if not fut.done():
-                fut.set_exception(TransportError(f"{self.address}: {why}"))
+                fut.set_exception(error(f"{self.address}: {why}"))
         self.pending.clear()
 
     def enqueue(self, frame: bytes) -> bool:
@@ -172,7 +186,7 @@ class _Peer:
 
     async def close(self) -> None:
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(BaseException):
             await self.task
         self._fail_pending("transport closed")
 
@@ -231,12 +245,14 @@ class RaftTransport:
     async def call(self, address: str, method: str, args: Any, timeout: float) -> Any:
         """A request to the server at `address`; raises TransportError or RPCError."""
         peer = self._peer(address)
+        if peer.down:
+            raise NotSent(f"{address}: cannot connect")
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         peer.pending[req_id] = fut
         if not peer.enqueue(_encode([_REQUEST, req_id, method, args], self.keyring)):
             peer.pending.pop(req_id, None)
-            raise TransportError(f"{address}: send queue full")
+            raise NotSent(f"{address}: send queue full")
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -185,14 +185,18 @@ def _popen(
     return subprocess.Popen(list(argv), **kw)
 
 
-def _stop(popen: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> int | None:
-    """Send sig (plus SIGCONT so a paused process can act on it), wait, then SIGKILL."""
+def _stop(popen: subprocess.Popen[bytes] | None, sig: int | None, timeout: float) -> int | None:
+    """Send sig (plus SIGCONT so a paused process can act on it), wait, then SIGKILL.
+
+    sig=None only waits: the signal was already sent (a second SIGTERM forces an agent out
+    without its graceful leave)."""
     if popen is None:
         return None
     if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            popen.send_signal(sig)
-            popen.send_signal(signal.SIGCONT)
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                popen.send_signal(sig)
+                popen.send_signal(signal.SIGCONT)
         try:
             popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -444,8 +448,9 @@ class AgentProc:
     def alive_members(self) -> set[str]:
         return {str(m["Name"]) for m in self.members() if m.get("Status") == STATUS_ALIVE}
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
-        """Send sig, wait up to timeout, then SIGKILL; returns the exit code."""
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Send sig (None: it was sent already), wait up to timeout, then SIGKILL; returns the
+        exit code."""
         rc = _stop(self.popen, sig, timeout)
         self._close_log()
         return rc
@@ -560,7 +565,7 @@ class AgentCluster:
                     a.popen.send_signal(signal.SIGTERM)
                     a.popen.send_signal(signal.SIGCONT)
         for a in self.agents:
-            a.stop(timeout=5.0)
+            a.stop(None, timeout=5.0)
 
     def logs(self, lines: int = 60) -> str:
         return "\n".join(f"----- {a.name} -----\n{a.log_tail(lines)}" for a in self.agents)
