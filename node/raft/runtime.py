@@ -200,13 +200,12 @@ class RaftRuntime:
                 await t
         self._tasks = []
         await self.transport.stop()
-        err = NoLeader("raft is shutting down")
         for p in self._proposals.values():
-            if not p.future.done():
-                p.future.set_exception(err)
+            if not p.future.done():  # it is in the log: it may still commit without us
+                p.future.set_exception(WriteTimeout("raft is shutting down; it may still apply"))
         for r in self._reads.values():
             if not r.future.done():
-                r.future.set_exception(err)
+                r.future.set_exception(NoLeader("raft is shutting down"))
         if self.storage is not None:
             await asyncio.get_running_loop().run_in_executor(self._io, self.storage.close)
         self._io.shutdown(wait=True)
