@@ -754,3 +754,31 @@ def test_campaign_in_a_cluster_runs_a_normal_election() -> None:
     net.nodes["n2"].campaign()  # a leader ignores it
     net.flush()
     assert net.nodes["n2"].role is Role.LEADER
+
+
+def test_a_dead_leader_is_replaced_within_ticks_when_the_transport_sees_it_gone() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.tick(times=2)
+    net.isolated = {"n1"}  # the leader's process died
+    for i in ("n2", "n3"):
+        net.nodes[i].leader_unreachable()
+        assert net.nodes[i].leader_id is None
+    # n2 ranks first among the survivors: it campaigns on its next tick and n3, whose lease
+    # ended with the same signal, votes for it; n3 would have waited two ticks more
+    net.tick("n2", "n3")
+    assert net.nodes["n2"].role is Role.LEADER
+    assert net.nodes["n3"].leader_id == "n2" and net.nodes["n3"].role is Role.FOLLOWER
+
+
+def test_a_false_leader_unreachable_alarm_does_not_disrupt_the_leader() -> None:
+    net = Net(3)
+    leader = net.elect("n1")
+    term = leader.term
+    net.nodes["n2"].leader_unreachable()  # n2 alone thinks the leader is gone
+    net.tick(times=5)
+    # n3 still hears n1 (its lease holds) and refuses the pre-vote: no new term, same leader
+    assert leader.role is Role.LEADER and leader.term == term
+    assert net.nodes["n2"].leader_id == "n1" and net.nodes["n3"].leader_id == "n1"
+    net.nodes["n1"].leader_unreachable()  # a leader ignores it
+    assert leader.role is Role.LEADER

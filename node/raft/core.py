@@ -364,6 +364,23 @@ class RaftNode:
             self._election_elapsed = 0
             self._campaign(transfer=False)
 
+    def leader_unreachable(self) -> None:
+        """The transport saw the leader's port refuse connections: its process is gone.
+
+        Rather than wait out a full election timeout, the follower forgets the leader (which
+        also ends its lease, so it grants votes) and campaigns within a few ticks, staggered
+        by rank among the other voters so that the survivors do not split the vote. A false
+        alarm cannot disrupt a working leader: pre-vote still needs a quorum that has not
+        heard from it.
+        """
+        if self.role is not Role.FOLLOWER or self.leader_id is None:
+            return
+        others = sorted(v for v in self._voters if v != self.leader_id)
+        self.leader_id = None
+        if self.id in others:
+            rank = others.index(self.id)
+            self._election_elapsed = max(self._election_elapsed, self._timeout - 1 - 2 * rank)
+
     def campaign(self) -> None:
         """Start an election now instead of after a timeout (etcd's MsgHup): a sole voter has
         nobody to wait for."""

@@ -125,7 +125,12 @@ class RaftRuntime:
         self.snapshot_interval = snapshot_interval
         self._last_snapshot_at = 0.0
         self.transport = RaftTransport(
-            host, port, keyring=keyring, on_message=self._on_wire, on_request=self._on_request
+            host,
+            port,
+            keyring=keyring,
+            on_message=self._on_wire,
+            on_request=self._on_request,
+            on_peer_down=self._on_peer_down,
         )
         self.rpc_handlers: dict[str, Callable[[Any], Any]] = {"apply": self._rpc_apply}
         self.storage: RaftStorage | None = None
@@ -278,6 +283,13 @@ class RaftRuntime:
         if msg.type in _LEADER_TYPES:
             self.last_leader_contact = asyncio.get_running_loop().time()
         self._submit(lambda n: n.step(msg))
+
+    def _on_peer_down(self, address: str) -> None:
+        """A refused connection to the leader means its process is gone: elect a new one now
+        rather than after an election timeout (see RaftNode.leader_unreachable)."""
+        if self._leader is not None and not self.is_leader and address == self.leader_address():
+            log.info("raft.leader_unreachable", leader=self._leader, address=address)
+            self._submit(lambda n: n.leader_unreachable())
 
     def set_cluster_id(self, cluster_id: str) -> None:
         """Persist the cluster this node belongs to (at bootstrap, or from the first leader)."""

@@ -107,6 +107,8 @@ class _Peer:
                 )
             except (OSError, TimeoutError, ValueError, RuntimeError):
                 self.t.stats.connect_failures += 1
+                if not self.down and self.t.on_peer_down is not None:
+                    self.t.on_peer_down(self.address)
                 self.down = True
                 self._fail_pending("cannot connect", NotSent)
                 # nobody reads old messages while the peer is away; Raft resends what matters
@@ -200,12 +202,15 @@ class RaftTransport:
         keyring: Keyring | None,
         on_message: MessageHandler,
         on_request: RPCHandler,
+        on_peer_down: Callable[[str], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.keyring = keyring
         self.on_message = on_message
         self.on_request = on_request
+        #: called with the address when a connection attempt to it fails (after it worked)
+        self.on_peer_down = on_peer_down
         self.stats = TransportStats()
         self._peers: dict[str, _Peer] = {}
         self._server: asyncio.Server | None = None

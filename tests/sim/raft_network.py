@@ -405,6 +405,14 @@ class RaftSim:
         self.reads[ctx] = self.check.max_commit
         self._after(n)
 
+    def leader_unreachable(self, n: SimNode) -> None:
+        """The transport's hint that the leader's port refuses connections; the sim sends it
+        to anyone, so it is as often a false alarm (the leader is fine) as a true one."""
+        if n.core is None:
+            return
+        n.core.leader_unreachable()
+        self._after(n)
+
     def change_config(self) -> None:
         ldr = self.leader()
         if ldr is None or ldr.core is None:
@@ -539,6 +547,8 @@ def run_seed(seed: int, steps: int = 10_000, *, heal_steps: int = 20_000) -> Run
         elif r < 0.80:
             sim.partition()
             sim.schedule(rng.randint(5 * TICK, 60 * TICK), sim.heal)
+        elif r < 0.82:
+            sim.leader_unreachable(rng.choice(nodes))
         sim.schedule(rng.randint(1, 2 * TICK), chaos)
 
     sim.schedule(1, chaos)
