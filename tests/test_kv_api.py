@@ -256,3 +256,74 @@ async def test_snapshot_save_and_restore(http: aiohttp.ClientSession) -> None:
             assert r.status == 400, (r.status, await r.text())
     _, body, _ = await get(http, "/v1/kv/keep")
     assert isinstance(body, list) and base64.b64decode(body[0]["Value"]) == b"before"
+
+
+# ----- /v1/session -----
+
+
+async def wait_node_registered(agent: Agent) -> None:
+    consensus = agent.consensus
+    assert consensus is not None
+    for _ in range(100):
+        check = consensus.store.catalog.check("node1", SERF_CHECK_ID)
+        if check is not None and check["Status"] == "passing":
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("the leader did not register node1 with a passing serfHealth check")
+
+
+async def test_session_lifecycle(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)
+    async with http.put("/v1/session/create", json={"Name": "s1", "LockDelay": "1ms"}) as r:
+        assert r.status == 200, await r.text()
+        sid = (await r.json())["ID"]
+    _, body, headers = await get(http, f"/v1/session/info/{sid}")
+    assert isinstance(body, list) and len(body) == 1 and "X-Consul-Index" in headers
+    s = body[0]
+    assert (s["ID"], s["Name"], s["Node"], s["Behavior"]) == (sid, "s1", "node1", "release")
+    assert s["LockDelay"] == 1_000_000 and s["NodeChecks"] == ["serfHealth"]
+    async with http.put(f"/v1/session/renew/{sid}") as r:
+        assert r.status == 200 and (await r.json())[0]["ID"] == sid
+    assert [x["ID"] for x in (await get(http, "/v1/session/list"))[1]] == [sid]  # type: ignore[union-attr]
+    assert [x["ID"] for x in (await get(http, "/v1/session/node/node1"))[1]] == [sid]  # type: ignore[union-attr]
+    async with http.put(f"/v1/session/destroy/{sid}") as r:
+        assert await r.json() is True
+    assert (await get(http, f"/v1/session/info/{sid}"))[1] == []
+    async with http.put(f"/v1/session/renew/{sid}") as r:
+        assert r.status == 404
+    async with http.put(f"/v1/session/destroy/{sid}") as r:  # idempotent
+        assert await r.json() is True
+
+
+async def test_destroying_a_delete_session_deletes_its_keys(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    await wait_node_registered(agent)
+    async with http.put(
+        "/v1/session/create", json={"behavior": "delete", "ttl": "20s", "lock_delay": 0}
+    ) as r:  # snake_case and lower-case keys, as some clients send them
+        sid = (await r.json())["ID"]
+    _, body, _ = await get(http, f"/v1/session/info/{sid}")
+    assert isinstance(body, list) and body[0]["TTL"] == "20s" and body[0]["Behavior"] == "delete"
+    assert await put(http, "held", b"x", acquire=sid) is True
+    async with http.put(f"/v1/session/destroy/{sid}") as r:
+        assert r.status == 200
+    assert (await get(http, "/v1/kv/held"))[0] == 404
+
+
+async def test_bad_session_requests(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)
+    for body, text in [
+        (b"{not json", "decode"),
+        (b"[]", "object"),
+        (b'{"TTL": "5s"}', "TTL"),
+        (b'{"Behavior": "explode"}', "Behavior"),
+        (b'{"LockDelay": "2m"}', "LockDelay"),
+        (b'{"Node": "nowhere"}', "nowhere"),
+        (b'{"NodeChecks": ["no-such-check"]}', "no-such-check"),
+    ]:
+        async with http.put("/v1/session/create", data=body) as r:
+            assert 400 <= r.status < 500 and text in await r.text(), (body, r.status)
+    async with http.put("/v1/session/destroy/not-a-uuid") as r:
+        assert r.status == 400
+    assert (await get(http, "/v1/session/list"))[1] == []
