@@ -112,7 +112,8 @@ class Consensus:
         except (RecoveryError, RaftStorageError) as e:
             raise AgentError(f"cannot start Raft from {raft_dir}: {e}") from None
         self._advertised = f"{self.agent.runtime.local_member().ip}:{raft.port}"
-        if c.dev:
+        assert raft.node is not None
+        if c.dev and raft.node.last_index == 0:
             await self._maybe_bootstrap({})  # a one-node cluster, ready before the HTTP API
             with contextlib.suppress(TimeoutError):
                 await raft.wait_for_leader(5.0)
@@ -139,14 +140,22 @@ class Consensus:
             return
         if len(raft.configuration.voters) == 1:
             return  # the last voter: nobody could take over
+        log.info("consensus.leaving_configuration")
         try:
             async with asyncio.timeout(timeout):
-                await self._hand_over()
-                log.info("consensus.leaving_configuration")
-                await self.remove_peer(raft.node_id, allow_self=True)
                 # autopilot may add us back as a learner until gossip reports the leave: fine,
                 # a learner's absence costs no quorum
                 while raft.node_id in raft.configuration.voters:
+                    if raft.is_leader:
+                        await self._hand_over()  # a leader does not remove itself
+                    else:
+                        try:
+                            await self.remove_peer(raft.node_id, allow_self=True)
+                        except (NoLeader, RPCError, WriteTimeout) as e:
+                            # leadership moving (others may be leaving too): ask again
+                            log.info("consensus.leave_retry", error=str(e))
+                        except KeyError:
+                            return
                     await asyncio.sleep(0.05)
         except Exception as e:  # a leave must go on even without a leader
             log.warning("consensus.leave_configuration_failed", error=str(e) or repr(e))

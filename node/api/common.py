@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from node.config import parse_duration
+from node.raft.runtime import NoLeader, WriteTimeout
+from node.raft.transport import RPCError
 
 if TYPE_CHECKING:
     from node.agent import Agent
@@ -122,8 +124,6 @@ async def blocking_read(
     `run` reads the local store and returns (index, response). Like Consul, the wait gets up to
     wait/16 of jitter so that many watchers do not return at once.
     """
-    from node.consensus import NoLeader
-
     if (err := check_dc(request)) is not None:
         return err
     mode = consistency_mode(request)
@@ -156,9 +156,6 @@ async def blocking_read(
 async def write_command(request: web.Request, command: bytes) -> Any:
     """Propose a command: its result's value, or the error response Consul would give (a
     web.Response, which the caller returns as is)."""
-    from node.consensus import NoLeader, WriteTimeout
-    from node.raft.transport import RPCError
-
     try:
         result = await consensus_of(request).write(command, WRITE_TIMEOUT)
     except NoLeader:
