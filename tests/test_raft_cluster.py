@@ -189,6 +189,12 @@ def test_autopilot_promotes_demotes_and_removes(
     learner = next(iter(learners(servers)))
     others = sorted(voters(servers) - {leader.name})
     by_name = {a.name: a for a in agents}
+    # the learner replicates the log and serves ?stale reads from its own replica
+    assert KVClient(leader.http_base).put("ap-learner-read", "seen")
+    learner_kv = KVClient(by_name[learner].http_base)
+    entry = wait_until(lambda: learner_kv.get("ap-learner-read", mode="stale"), timeout=10,
+                       desc="the write replicated to the learner")  # fmt: skip
+    assert entry.text == "seen"
     victim, leaver = by_name[others[0]], by_name[others[1]]
     safe = [a for a in agents if a not in (victim, leaver)]
     writer = AckedWriter(lambda: safe, "ap", threads=1, timeout=3.0, think=0.02).start()
@@ -240,8 +246,13 @@ def test_bootstrap_expect_forms_exactly_one_cluster(
     agents = c.agents
 
     def agreed() -> tuple[str, list[str]]:
-        views = {a.name: (KVClient(a.http_base, 1.0).leader(),
-                          sorted(KVClient(a.http_base, 1.0).peers())) for a in agents}
+        views = {
+            a.name: (
+                KVClient(a.http_base, 1.0).leader(),
+                sorted(KVClient(a.http_base, 1.0).peers()),
+            )
+            for a in agents
+        }
         if len(set(map(str, views.values()))) == 1 and next(iter(views.values()))[0]:
             return next(iter(views.values()))
         raise AssertionError(f"(leader, voters) per agent: {views}")
