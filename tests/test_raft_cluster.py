@@ -194,7 +194,7 @@ def test_autopilot_promotes_demotes_and_removes(
     learner_kv = KVClient(by_name[learner].http_base)
     entry = wait_until(lambda: learner_kv.get("ap-learner-read", mode="stale"), timeout=10,
                        desc="the write replicated to the learner")  # fmt: skip
-    assert entry.text == "seen"
+    assert entry is not None and entry.text == "seen"
     victim, leaver = by_name[others[0]], by_name[others[1]]
     safe = [a for a in agents if a not in (victim, leaver)]
     writer = AckedWriter(lambda: safe, "ap", threads=1, timeout=3.0, think=0.02).start()
