@@ -55,6 +55,7 @@ if str(REPO_ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import msgpack  # noqa: E402
 
+from bench.stats import fmt3, med  # noqa: E402
 from tests.harness.agents import (  # noqa: E402
     STATUS_ALIVE,
     STATUS_FAILED,
@@ -643,24 +644,6 @@ def describe(r: Rep) -> str:
 
 
 # ----- report ------------------------------------------------------------------------------
-
-
-def med(xs: Sequence[float | None]) -> float | None:
-    v = [x for x in xs if x is not None]
-    return statistics.median(v) if v else None
-
-
-def fmt3(xs: Sequence[float | None], nd: int) -> str:
-    v = [x for x in xs if x is not None]
-    if not v:
-        return "n/a"
-    m = statistics.median(v)
-    s = f"{m:.{nd}f}"
-    if len(v) > 1:
-        s += f" [{min(v):.{nd}f}..{max(v):.{nd}f}]"
-    if len(v) < len(xs):
-        s += f" ({len(xs) - len(v)} n/a)"
-    return s
 
 
 METRICS: list[tuple[str, str, int]] = [

@@ -69,6 +69,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.stats import fmt3, med  # noqa: E402
 from tests.harness.agents import AgentProc, LocalCluster, free_port  # noqa: E402
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
@@ -962,23 +963,6 @@ def summarize_profile(path: Path, top: int = 15) -> str:
 
 def fmt(x: float | None, nd: int) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def med(xs: Sequence[float | None]) -> float | None:
-    v = [x for x in xs if x is not None]
-    return statistics.median(v) if v else None
-
-
-def fmt3(xs: Sequence[float | None], nd: int) -> str:
-    v = [x for x in xs if x is not None]
-    if not v:
-        return "n/a"
-    s = f"{statistics.median(v):,.{nd}f}"
-    if len(v) > 1:
-        s += f" [{min(v):,.{nd}f}..{max(v):,.{nd}f}]"
-    if len(v) < len(xs):
-        s += f" ({len(xs) - len(v)} n/a)"
-    return s
 
 
 METRICS: list[tuple[str, str, int]] = [

@@ -32,7 +32,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from tests.harness.agents import AgentProc
 from tests.harness.linearizability import HistoryRecorder, Kind, Operation, Status
@@ -84,8 +84,10 @@ class KVError(Exception):
             return "info" if self.sent else "fail"
         if 400 <= self.status < 500:
             return "fail"
-        if no_leader_is_definite and self.status == 500 and self.body.startswith(
-            "No cluster leader"
+        if (
+            no_leader_is_definite
+            and self.status == 500
+            and self.body.startswith("No cluster leader")
         ):
             return "fail"
         return "info"
@@ -421,7 +423,40 @@ class RegisterClient:
         return self._done(op, "ok", swapped)
 
 
-class RegisterWorkload:
+class _Threads:
+    """n worker threads running `_run(i)` until `stop_event`; stop() joins them, bounded."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self.n_threads = n
+        self.thread_name = name
+        self.stop_event = threading.Event()
+        self.crashes: list[str] = []
+        self._threads: list[threading.Thread] = []
+
+    def _run(self, i: int) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        for i in range(self.n_threads):
+            t = threading.Thread(
+                target=self._run, args=(i,), name=f"{self.thread_name}-{i}", daemon=True
+            )
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop and join; an op in flight is bounded by the client timeout."""
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            raise AssertionError(f"threads did not stop: {stuck}")
+
+
+class RegisterWorkload(_Threads):
     """Client threads doing random read / write / cas ops on a few keys until stopped."""
 
     def __init__(
@@ -433,34 +468,16 @@ class RegisterWorkload:
         weights: Mapping[str, float] | None = None,
         think: tuple[float, float] = (0.0, 0.02),
     ) -> None:
+        super().__init__(len(clients), "jepsen-client")
         self.clients = list(clients)
         self.keys = list(keys)
         self.seed = seed
         self.weights = dict(weights or {"read": 0.4, "write": 0.3, "cas": 0.3})
         self.think = think
         self.last_seen: dict[str, str | None] = dict.fromkeys(self.keys)
-        self.stop_event = threading.Event()
-        self.crashes: list[str] = []
-        self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        for i, c in enumerate(self.clients):
-            t = threading.Thread(target=self._run, args=(i, c), name=f"jepsen-client-{i}")
-            t.daemon = True
-            self._threads.append(t)
-            t.start()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop and join; an op in flight is bounded by the client timeout."""
-        self.stop_event.set()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in self._threads if t.is_alive()]
-        if stuck:
-            raise AssertionError(f"client threads did not stop: {stuck}")
-
-    def _run(self, i: int, c: RegisterClient) -> None:
+    def _run(self, i: int) -> None:
+        c = self.clients[i]
         rng = random.Random(self.seed * 1000 + i)
         kinds, w = list(self.weights), list(self.weights.values())
         try:
@@ -487,7 +504,7 @@ class RegisterWorkload:
             raise
 
 
-class AckedWriter:
+class AckedWriter(_Threads):
     """Threads writing unique keys (prefix/<thread>/<n>) through agents picked at random.
 
     ``acked`` maps every key whose PUT answered ``true`` to its value; ``ack_times`` holds the
@@ -504,9 +521,9 @@ class AckedWriter:
         seed: int = 0,
         think: float = 0.0,
     ) -> None:
+        super().__init__(threads, "writer")
         self.targets = targets
         self.prefix = prefix.rstrip("/")
-        self.n_threads = threads
         self.timeout = timeout
         self.seed = seed
         self.think = think
@@ -514,26 +531,7 @@ class AckedWriter:
         self.ack_times: list[float] = []
         self.outcomes: Counter[str] = Counter()
         self.errors: list[str] = []
-        self.crashes: list[str] = []
-        self.stop_event = threading.Event()
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> AckedWriter:
-        for i in range(self.n_threads):
-            t = threading.Thread(target=self._run, args=(i,), name=f"writer-{i}", daemon=True)
-            self._threads.append(t)
-            t.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.stop_event.set()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in self._threads if t.is_alive()]
-        if stuck:
-            raise AssertionError(f"writer threads did not stop: {stuck}")
 
     def _run(self, i: int) -> None:
         rng = random.Random(self.seed * 1000 + i)
