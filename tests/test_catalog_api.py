@@ -1,0 +1,130 @@
+"""/v1/catalog and /v1/health on a one-node agent (fake gossip, real Raft and HTTP)."""
+
+# ruff: noqa: F811 - pytest fixtures imported from test_kv_api are parameters here
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from node.agent import Agent
+from tests.test_kv_api import agent, get, http, wait_node_registered  # noqa: F401 - fixtures
+
+WEB = {
+    "Node": "box1",
+    "Address": "10.1.0.1",
+    "NodeMeta": {"rack": "r1"},
+    "Service": {"ID": "web-1", "Service": "web", "Tags": ["v1", "blue"], "Port": 8080},
+    "Check": {"CheckID": "service:web-1", "Name": "web alive", "Status": "passing",
+              "ServiceID": "web-1"},
+}  # fmt: skip
+
+
+async def register(http: aiohttp.ClientSession, body: object) -> tuple[int, str]:
+    async with http.put("/v1/catalog/register", json=body) as r:
+        return r.status, await r.text()
+
+
+async def test_register_then_read_every_view(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)  # the leader put node1 (and its consul service) in
+    assert await register(http, WEB) == (200, "true")
+    # a second instance, registered with snake_case keys as some clients send them
+    svc = {"id": "web-2", "service": "web", "tags": ["v2"], "port": 8081}
+    other = {"node": "box2", "address": "10.1.0.2", "service": svc}
+    assert (await register(http, other))[0] == 200
+
+    assert (await get(http, "/v1/catalog/datacenters"))[1] == ["dc1"]
+    _, services, headers = await get(http, "/v1/catalog/services")
+    assert services == {"consul": [], "web": ["blue", "v1", "v2"]}
+    assert int(headers["X-Consul-Index"]) > 0 and headers["X-Consul-KnownLeader"] == "true"
+    _, nodes, _ = await get(http, "/v1/catalog/nodes")
+    assert isinstance(nodes, list)
+    assert [n["Node"] for n in nodes] == ["box1", "box2", "node1"]
+    assert nodes[0]["Meta"] == {"rack": "r1"}
+
+    _, inst, _ = await get(http, "/v1/catalog/service/web")
+    assert isinstance(inst, list)
+    assert [(i["Node"], i["ServiceID"], i["ServicePort"]) for i in inst] == [
+        ("box1", "web-1", 8080), ("box2", "web-2", 8081),
+    ]  # fmt: skip
+    _, inst, _ = await get(http, "/v1/catalog/service/web?tag=v2")
+    assert isinstance(inst, list) and [i["ServiceID"] for i in inst] == ["web-2"]
+    _, node, _ = await get(http, "/v1/catalog/node/box1")
+    assert isinstance(node, dict) and list(node["Services"]) == ["web-1"]
+    assert (await get(http, "/v1/catalog/node/nowhere"))[1] is None
+
+    _, health, _ = await get(http, "/v1/health/service/web")
+    assert isinstance(health, list) and len(health) == 2
+    assert [c["CheckID"] for c in health[0]["Checks"]] == ["service:web-1"]
+    _, checks, _ = await get(http, "/v1/health/checks/web")
+    assert isinstance(checks, list) and [c["CheckID"] for c in checks] == ["service:web-1"]
+    _, node_checks, _ = await get(http, "/v1/health/node/node1")
+    assert isinstance(node_checks, list) and [c["CheckID"] for c in node_checks] == ["serfHealth"]
+
+
+async def test_passing_filter_and_check_states(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)
+    await register(http, WEB)
+    failing = {**WEB, "Check": {**WEB["Check"], "Status": "critical"}}  # type: ignore[dict-item]
+    assert (await register(http, failing))[0] == 200
+    _, passing, _ = await get(http, "/v1/health/service/web?passing")
+    assert passing == []
+    _, every, _ = await get(http, "/v1/health/service/web?passing=false")
+    assert isinstance(every, list) and len(every) == 1
+    _, critical, _ = await get(http, "/v1/health/state/critical")
+    assert isinstance(critical, list) and [c["CheckID"] for c in critical] == ["service:web-1"]
+    _, anything, _ = await get(http, "/v1/health/state/any")
+    assert isinstance(anything, list) and len(anything) == 2  # serfHealth of node1 too
+    async with http.get("/v1/health/state/fine") as r:
+        assert r.status == 400 and "Invalid check state" in await r.text()
+
+
+async def test_blocking_health_query_wakes_on_a_check_change(
+    agent: Agent,
+    http: aiohttp.ClientSession,
+) -> None:
+    await wait_node_registered(agent)
+    await register(http, WEB)
+    _, _, headers = await get(http, "/v1/health/service/web")
+    index = headers["X-Consul-Index"]
+
+    async def fail_later() -> None:
+        await asyncio.sleep(0.3)
+        await register(http, {**WEB, "Check": {**WEB["Check"], "Status": "critical"}})  # type: ignore[dict-item]
+
+    t0 = time.monotonic()
+    task = asyncio.create_task(fail_later())
+    _, body, headers = await get(http, f"/v1/health/service/web?index={index}&wait=10s")
+    await task
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    assert int(headers["X-Consul-Index"]) > int(index)
+    assert isinstance(body, list) and body[0]["Checks"][0]["Status"] == "critical"
+
+
+async def test_deregister_and_bad_requests(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)
+    await register(http, WEB)
+    async with http.put("/v1/catalog/deregister", json={"Node": "box1", "ServiceID": "web-1"}) as r:
+        assert r.status == 200 and await r.json() is True
+    assert (await get(http, "/v1/catalog/service/web"))[1] == []
+    assert "web" not in (await get(http, "/v1/catalog/services"))[1]  # type: ignore[operator]
+    for body, status, text in [
+        (b"{oops", 400, "decode"),
+        (b"[1]", 400, "object"),
+        (b'{"Address": "10.0.0.1"}', 400, "Must provide node"),
+        (b'{"Node": "n"}', 400, "Must provide address"),
+        (b'{"Node": "n", "Address": "a", "Service": {"Port": 1}}', 400, "service"),
+        (b'{"Node": "n", "Address": "a", "Check": {"Name": "x"}}', 400, "check"),
+        (b'{"Node": "n", "Address": "a", "ID": "not-a-uuid"}', 400, "UUID"),
+    ]:
+        async with http.put("/v1/catalog/register", data=body) as r:
+            got = await r.text()
+            assert r.status == status and text.lower() in got.lower(), (body, r.status, got)
+    async with http.put("/v1/catalog/deregister", data=b"{}") as r:
+        assert r.status == 400
+    _, nodes, _ = await get(http, "/v1/catalog/nodes")
+    assert isinstance(nodes, list) and [n["Node"] for n in nodes] == ["box1", "node1"]
+    async with http.get("/v1/catalog/services?dc=dc2") as r:
+        assert r.status == 500 and "No path to datacenter" in await r.text()
