@@ -140,6 +140,7 @@ def _client(ns: argparse.Namespace, timeout: float = 15.0) -> AgentClient:
 def cmd_agent(ns: argparse.Namespace) -> int:
     from node.agent import Agent, AgentError
     from node.consensus import Consensus
+    from node.dns.server import DNSServer
     from node.log import bind_context, setup_logging
 
     given = {k: v for k, v in vars(ns).items() if k in FIELDS or k == "config_file"}
@@ -151,6 +152,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     bind_context(agent=config.node)
     agent = Agent(config)
     agent.add_component(Consensus(agent))
+    agent.add_component(DNSServer(agent))
     try:
         return _run_async(agent.run())
     except AgentError as e:
@@ -507,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="join in the background until it works (repeatable)",
     )
     agent.add_argument("--retry-interval", default=s, help="retry-join interval (30s)")
+    agent.add_argument("--domain", default=s, help="DNS domain served on --dns-port (consul)")
+    agent.add_argument(
+        "--recursor",
+        dest="recursors",
+        action="append",
+        default=s,
+        metavar="IP[:PORT]",
+        help="DNS server for names outside --domain (repeatable)",
+    )
+    agent.add_argument("--dns-node-ttl", default=s, help="TTL of node records (0s)")
+    agent.add_argument("--dns-service-ttl", default=s, help="TTL of service records (0s)")
     agent.add_argument(
         "--bootstrap-expect",
         default=s,

@@ -87,6 +87,10 @@ class AgentConfig:
     config_file: tuple[str, ...] = ()
     dev: bool = False
     datacenter: str = "dc1"
+    domain: str = "consul"
+    recursors: tuple[str, ...] = ()
+    dns_node_ttl: int = 0
+    dns_service_ttl: int = 0
     log_level: str = "info"
     log_json: bool = False
 
@@ -198,6 +202,34 @@ def _datacenter(raw: object) -> str:
     return dc
 
 
+def _domain(raw: object) -> str:
+    text = _as_str(raw).strip().strip(".").lower()
+    labels = text.split(".")
+    if not text or not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", x) for x in labels):
+        raise ValueError(f"must be a DNS domain such as consul or mesh.internal, got {raw!r}")
+    return text
+
+
+def _recursors(raw: object) -> tuple[str, ...]:
+    out = _str_list(raw)
+    for r in out:
+        host, _, port = r.rpartition(":") if r.count(":") == 1 else (r, "", "")
+        try:
+            ipaddress.ip_address(host or r)
+        except ValueError:
+            raise ValueError(f"must be IP or IP:port, got {r!r}") from None
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"invalid port in {r!r}")
+    return out
+
+
+def _ttl(raw: object) -> int:
+    value = parse_duration(raw)
+    if not 0 <= value <= 86400:
+        raise ValueError(f"must be a duration between 0s and 24h, got {raw!r}")
+    return int(value)
+
+
 def _ipv4(raw: object) -> str:
     text = _as_str(raw).strip()
     try:
@@ -305,6 +337,10 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "discover": _one_of(DISCOVERY_METHODS),
     "dev": _bool,
     "datacenter": _datacenter,
+    "domain": _domain,
+    "recursors": _recursors,
+    "dns_node_ttl": _ttl,
+    "dns_service_ttl": _ttl,
     "log_level": _one_of(LOG_LEVELS),
     "log_json": _bool,
 }
@@ -327,6 +363,10 @@ _DEFAULTS: dict[str, Any] = {
     "discover": None,
     "dev": False,
     "datacenter": "dc1",
+    "domain": "consul",
+    "recursors": (),
+    "dns_node_ttl": 0,
+    "dns_service_ttl": 0,
     "log_level": "info",
     "log_json": False,
 }
@@ -523,6 +563,10 @@ def load_config(
         config_file=tuple(files),
         dev=dev,
         datacenter=value("datacenter"),
+        domain=value("domain"),
+        recursors=tuple(value("recursors")),
+        dns_node_ttl=int(value("dns_node_ttl")),
+        dns_service_ttl=int(value("dns_service_ttl")),
         log_level=value("log_level"),
         log_json=bool(value("log_json")),
     )

@@ -1,0 +1,241 @@
+"""The agent's DNS server: UDP and TCP on --client:--dns-port, answering from the local replica.
+
+Rendering a reply with dnspython costs far more than serving one, so rendered replies are kept
+per (name, type, size limit) until the catalog changes (its table indexes move); a hit only
+patches the query ID. A few differently shuffled renderings are kept per name, so clients still
+see the instances in varying order. Names outside the domain go to the --recursor servers.
+Garbage gets FORMERR when it has a readable header and is dropped otherwise; both are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import structlog
+
+from node.dns.resolver import DNSConfig, Resolver
+from node.state import StateStore
+
+if TYPE_CHECKING:
+    from node.agent import Agent
+
+__all__ = ["DNSServer", "DNSStats", "Responder"]
+
+log = structlog.get_logger("node.dns")
+
+CATALOG_TABLES = ("nodes", "services", "checks")
+UDP_DEFAULT_SIZE = 512
+TCP_MAX_SIZE = 65535
+VARIANTS = 4  # differently shuffled renderings kept per cached name
+CACHE_MAX = 10_000
+RECURSOR_TIMEOUT = 2.0
+
+
+@dataclass
+class DNSStats:
+    queries: int = 0
+    cache_hits: int = 0
+    formerr: int = 0
+    dropped: int = 0
+    forwarded: int = 0
+    truncated: int = 0
+
+
+@dataclass
+class _Entry:
+    index: int
+    variants: list[bytes] = field(default_factory=list)
+
+
+class Responder:
+    """Bytes in, bytes out (or None to drop): everything but the sockets."""
+
+    def __init__(
+        self,
+        store: Callable[[], StateStore],
+        config: DNSConfig,
+        recursors: tuple[str, ...] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.resolver = Resolver(store, config, rng)
+        self.recursors = recursors
+        self.rng = rng or random.Random()
+        self.stats = DNSStats()
+        self._cache: dict[tuple[str, int, int], _Entry] = {}
+
+    async def respond(self, wire: bytes, limit: int | None) -> bytes | None:
+        """limit: the UDP size limit (None over TCP: no truncation)."""
+        self.stats.queries += 1
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:  # any parse failure: garbage from the network
+            return self._formerr(wire)
+        if query.flags & dns.flags.QR:
+            self.stats.dropped += 1
+            return None  # a response sent to us: never answer (no reflection loops)
+        if query.opcode() != dns.opcode.QUERY:
+            return self._reply(query, dns.rcode.NOTIMP)
+        if len(query.question) != 1:
+            return self._reply(query, dns.rcode.FORMERR, count=True)
+        q = query.question[0]
+        size = TCP_MAX_SIZE if limit is None else max(limit, query.payload, UDP_DEFAULT_SIZE)
+        if not self.resolver.in_domain(q.name):
+            return await self._forward(query, wire, size)
+        key = (q.name.to_text(), int(q.rdtype), size)
+        index = self.store().table_index(CATALOG_TABLES)
+        entry = self._cache.get(key)
+        if entry is None or entry.index != index:
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()
+            entry = self._cache[key] = _Entry(index)
+        if len(entry.variants) < VARIANTS:
+            entry.variants.append(self._render(self.resolver.answer(query), size))
+            out = entry.variants[-1]
+        else:
+            self.stats.cache_hits += 1
+            out = self.rng.choice(entry.variants)
+        return wire[:2] + out[2:]  # the cached reply with this query's ID
+
+    def _render(self, resp: dns.message.Message, size: int) -> bytes:
+        try:
+            return resp.to_wire(max_size=size)
+        except dns.exception.TooBig:
+            pass
+        self.stats.truncated += 1
+        resp.flags |= dns.flags.TC
+        resp.additional = []
+        while resp.answer:
+            try:
+                return resp.to_wire(max_size=size)
+            except dns.exception.TooBig:
+                resp.answer.pop()
+        resp.authority = []
+        return resp.to_wire(max_size=size)
+
+    async def _forward(self, query: dns.message.Message, wire: bytes, size: int) -> bytes:
+        for server in self.recursors:
+            host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+            try:
+                answer = await dns.asyncquery.udp(
+                    query, host or server, timeout=RECURSOR_TIMEOUT, port=int(port or 53)
+                )
+            except (dns.exception.DNSException, OSError, ValueError) as e:
+                log.debug("dns.recursor_failed", recursor=server, error=str(e))
+                continue
+            self.stats.forwarded += 1
+            answer.id = query.id
+            return self._render(answer, size)
+        # nothing to forward to, or no recursor answered: Consul answers SERVFAIL
+        return self._reply(query, dns.rcode.SERVFAIL)
+
+    def _reply(self, query: dns.message.Message, rcode: int, count: bool = False) -> bytes:
+        if count:
+            self.stats.formerr += 1
+        resp = dns.message.make_response(query)
+        resp.set_rcode(dns.rcode.Rcode(rcode))
+        return resp.to_wire()
+
+    def _formerr(self, wire: bytes) -> bytes | None:
+        """FORMERR with the query's ID when a header can be read; drop otherwise."""
+        if len(wire) < 12:
+            self.stats.dropped += 1
+            return None
+        (qid, flags) = struct.unpack("!HH", wire[:4])
+        if flags & 0x8000:  # a response: never answer
+            self.stats.dropped += 1
+            return None
+        self.stats.formerr += 1
+        opcode_bits = flags & 0x7800
+        return struct.pack("!HHHHHH", qid, 0x8000 | opcode_bits | dns.rcode.FORMERR, 0, 0, 0, 0)
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, responder: Responder) -> None:
+        self.responder = responder
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        task = asyncio.ensure_future(self._answer(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            out = await self.responder.respond(data, UDP_DEFAULT_SIZE)
+        except Exception:  # one bad query must never stop the server
+            log.exception("dns.query_failed")
+            return
+        if out is not None and self.transport is not None:
+            self.transport.sendto(out, addr)
+
+
+class DNSServer:
+    """The agent component serving DNS on --client:--dns-port (UDP and TCP)."""
+
+    name = "dns"
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        c = agent.config
+        self.host, self.port = c.client, c.dns_port
+        self.responder: Responder | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        consensus = self.agent.consensus
+        if consensus is None:
+            raise RuntimeError("DNS needs the replicated catalog (the consensus component)")
+        c = self.agent.config
+        config = DNSConfig(c.domain, c.datacenter, c.dns_node_ttl, c.dns_service_ttl)
+        responder = self.responder = Responder(lambda: consensus.store, config, c.recursors)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UDP(responder), local_addr=(self.host, self.port), reuse_port=False
+        )
+        self._udp = transport
+        self.port = int(transport.get_extra_info("sockname")[1])
+        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
+        log.info("dns.listening", addr=f"{self.host}:{self.port}", domain=c.domain)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self.responder is not None
+        try:
+            while True:
+                (length,) = struct.unpack("!H", await reader.readexactly(2))
+                data = await reader.readexactly(length)
+                out = await self.responder.respond(data, None)
+                if out is None:
+                    break
+                writer.write(struct.pack("!H", len(out)) + out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, OSError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
