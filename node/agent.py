@@ -41,6 +41,7 @@ from node.config import CONSUL_COMPAT_VERSION, MESHNODE_VERSION, AgentConfig
 
 if TYPE_CHECKING:
     from node.consensus import Consensus
+    from node.local import LocalState
 
 __all__ = [
     "EVENT_BUFFER_SIZE",
@@ -369,6 +370,8 @@ class Agent:
         self.http: HTTPServer | None = None
         #: the Raft and state-store layer (node/consensus.py), when the agent runs one
         self.consensus: Consensus | None = None
+        #: the services and checks this agent owns (node/local.py), when it keeps any
+        self.local: LocalState | None = None
         self._runtime: GossipRuntimeLike | None = None
         self._pump: asyncio.Task[None] | None = None
         self._started: list[Component] = []

@@ -139,6 +139,7 @@ def _client(ns: argparse.Namespace, timeout: float = 15.0) -> AgentClient:
 
 def cmd_agent(ns: argparse.Namespace) -> int:
     from node.agent import Agent, AgentError
+    from node.antientropy import AntiEntropy
     from node.consensus import Consensus
     from node.dns.server import DNSServer
     from node.log import bind_context, setup_logging
@@ -152,6 +153,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     bind_context(agent=config.node)
     agent = Agent(config)
     agent.add_component(Consensus(agent))
+    agent.add_component(AntiEntropy(agent, scripts=config.enable_script_checks))
     agent.add_component(DNSServer(agent))
     try:
         return _run_async(agent.run())
@@ -509,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="join in the background until it works (repeatable)",
     )
     agent.add_argument("--retry-interval", default=s, help="retry-join interval (30s)")
+    agent.add_argument(
+        "--enable-script-checks",
+        action="store_true",
+        default=s,
+        help="allow checks that run commands (Args); off by default, as in Consul",
+    )
     agent.add_argument("--domain", default=s, help="DNS domain served on --dns-port (consul)")
     agent.add_argument(
         "--recursor",

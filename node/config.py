@@ -88,6 +88,7 @@ class AgentConfig:
     dev: bool = False
     datacenter: str = "dc1"
     domain: str = "consul"
+    enable_script_checks: bool = False
     recursors: tuple[str, ...] = ()
     dns_node_ttl: int = 0
     dns_service_ttl: int = 0
@@ -338,6 +339,7 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "dev": _bool,
     "datacenter": _datacenter,
     "domain": _domain,
+    "enable_script_checks": _bool,
     "recursors": _recursors,
     "dns_node_ttl": _ttl,
     "dns_service_ttl": _ttl,
@@ -364,6 +366,7 @@ _DEFAULTS: dict[str, Any] = {
     "dev": False,
     "datacenter": "dc1",
     "domain": "consul",
+    "enable_script_checks": False,
     "recursors": (),
     "dns_node_ttl": 0,
     "dns_service_ttl": 0,
@@ -564,6 +567,7 @@ def load_config(
         dev=dev,
         datacenter=value("datacenter"),
         domain=value("domain"),
+        enable_script_checks=bool(value("enable_script_checks")),
         recursors=tuple(value("recursors")),
         dns_node_ttl=int(value("dns_node_ttl")),
         dns_service_ttl=int(value("dns_service_ttl")),

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gossip.keyring import KeyringError, parse_key
 from gossip.member import KeyResponse, Member
-from node.api import catalog, kv, operator, session
+from node.api import agent_services, catalog, kv, operator, session
 from node.api.common import (
     AGENT_KEY,
     Handler,
@@ -243,6 +243,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *operator.ROUTES,
     *session.ROUTES,
     *catalog.ROUTES,
+    *agent_services.ROUTES,
     # /v1/agent/metrics arrives with the metrics layer: add its row here.
 ]
 

@@ -1,0 +1,121 @@
+"""Anti-entropy: keep the catalog's entry for this node equal to what this agent owns.
+
+Runs after every local change and once a minute (Consul's sync interval): services and checks
+registered here but missing or different in the catalog are written, and the catalog's services
+and checks of this node that the agent no longer has are removed (except what the leader
+manages: `serfHealth` and the `consul` service). So a restarted agent, or a write lost to a
+leader change, converges without anyone re-registering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from node.leader import CONSUL_SERVICE, SERF_CHECK_ID
+from node.local import LocalState
+from node.raft.runtime import NoLeader, WriteTimeout
+from node.raft.transport import RPCError
+from node.state import commands as cmd
+
+if TYPE_CHECKING:
+    from node.agent import Agent
+
+__all__ = ["AntiEntropy"]
+
+log = structlog.get_logger("node.antientropy")
+
+SYNC_INTERVAL = 60.0
+RETRY_INTERVAL = 1.0
+
+
+class AntiEntropy:
+    name = "anti-entropy"
+
+    def __init__(self, agent: Agent, *, scripts: bool = False) -> None:
+        self.agent = agent
+        path = None
+        if agent.config.data_dir is not None:
+            path = Path(agent.config.data_dir) / "local-services.json"
+        self._wake = asyncio.Event()
+        self.local = LocalState(path, scripts=scripts, on_change=self._wake.set)
+        self._task: asyncio.Task[None] | None = None
+        self.syncs = 0
+        agent.local = self.local
+
+    async def start(self) -> None:
+        self.local.load()
+        self.local.start()
+        self._task = asyncio.create_task(self._loop(), name="anti-entropy")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.local.stop()
+
+    async def _loop(self) -> None:
+        delay = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.sync_once()
+                delay = SYNC_INTERVAL
+            except (NoLeader, WriteTimeout, RPCError) as e:
+                log.info("antientropy.sync_deferred", reason=str(e))
+                delay = RETRY_INTERVAL
+            except Exception:
+                log.exception("antientropy.sync_failed")
+                delay = RETRY_INTERVAL
+
+    async def sync_once(self) -> int:
+        """One pass; returns how many writes it made."""
+        consensus = self.agent.consensus
+        if consensus is None:
+            return 0
+        catalog = consensus.store.catalog
+        me = self.agent.config.node
+        existing = catalog.node(me) or {}
+        node_fields: dict[str, Any] = {
+            "node_id": self.agent.node_id,
+            "datacenter": self.agent.config.datacenter,
+            "tagged_addresses": existing.get("TaggedAddresses") or {},
+            "node_meta": existing.get("Meta") or {},
+        }
+        address = existing.get("Address") or self.agent.runtime.local_member().ip
+        writes: list[bytes] = []
+        now = time.time()
+        in_catalog = (catalog.node_services(me) or {}).get("Services", {})
+        for sid, svc in self.local.services.items():
+            have = in_catalog.get(sid)
+            if have is None or any(have.get(k) != v for k, v in svc.items()):
+                writes.append(cmd.register(me, address, service=svc, now=now, **node_fields))
+        for sid in in_catalog:
+            if sid not in self.local.services and sid != CONSUL_SERVICE:
+                writes.append(cmd.deregister(me, service_id=sid, now=now))
+        checks_in_catalog = {c["CheckID"]: c for c in catalog.node_checks(me)}
+        for cid, chk in self.local.checks.items():
+            service_name = self.local.services.get(chk.service_id, {}).get("Service", "")
+            want = chk.catalog(me, service_name)
+            have = checks_in_catalog.get(cid)
+            fields = ("Status", "Output", "Name", "Notes", "ServiceID", "Type")
+            if have is None or any(have.get(k) != want[k] for k in fields):
+                writes.append(cmd.register(me, address, checks=[want], now=now, **node_fields))
+        for cid in checks_in_catalog:
+            if cid not in self.local.checks and cid != SERF_CHECK_ID:
+                writes.append(cmd.deregister(me, check_id=cid, now=now))
+        for w in writes:
+            result = await consensus.write(w)
+            if not result.ok:
+                log.warning("antientropy.write_rejected", error=result.error)
+        self.syncs += 1
+        return len(writes)

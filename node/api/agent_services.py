@@ -1,0 +1,141 @@
+"""/v1/agent/service* and /v1/agent/check*: what this agent owns (node/local.py), in Consul's
+shapes. Anti-entropy carries every change into the catalog."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from node.api.common import Handler, agent_of, flag, json_response, text_error
+from node.local import LocalStateError
+
+if TYPE_CHECKING:
+    from node.local import LocalState
+
+__all__ = ["ROUTES"]
+
+STATUS_OF = {"pass": "passing", "warn": "warning", "fail": "critical"}
+
+
+def _local(request: web.Request) -> LocalState:
+    local = agent_of(request).local
+    if local is None:
+        raise web.HTTPInternalServerError(text="this agent keeps no local services")
+    return local
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError as e:
+        raise web.HTTPBadRequest(text=f"Request decode failed: {e}") from None
+
+
+def _service_json(request: web.Request, svc: dict[str, Any]) -> dict[str, Any]:
+    out = dict(svc)
+    out["Datacenter"] = agent_of(request).config.datacenter
+    return out
+
+
+def _check_json(request: web.Request, local: LocalState, cid: str) -> dict[str, Any]:
+    chk = local.checks[cid]
+    service = local.services.get(chk.service_id, {})
+    out = chk.catalog(agent_of(request).config.node, service.get("Service", ""))
+    out["ServiceTags"] = list(service.get("Tags", []))
+    out["Definition"] = {}
+    return out
+
+
+async def service_register(request: web.Request) -> web.StreamResponse:
+    local = _local(request)
+    try:
+        local.add_service(await _body(request),
+                          replace_checks=flag(request, "replace-existing-checks"))  # fmt: skip
+    except LocalStateError as e:
+        return text_error(400, f"Invalid service: {e}")
+    return web.Response(status=200)
+
+
+async def service_deregister(request: web.Request) -> web.StreamResponse:
+    sid = request.match_info["id"]
+    if not _local(request).remove_service(sid):
+        return text_error(404, f'Unknown service ID "{sid}". Ensure that the service ID is '
+                               "passed, not the service name.")  # fmt: skip
+    return web.Response(status=200)
+
+
+async def services(request: web.Request) -> web.StreamResponse:
+    local = _local(request)
+    return json_response(request, {k: _service_json(request, v)
+                                   for k, v in sorted(local.services.items())})  # fmt: skip
+
+
+async def service(request: web.Request) -> web.StreamResponse:
+    svc = _local(request).services.get(request.match_info["id"])
+    if svc is None:
+        return text_error(404, "unknown service ID")
+    return json_response(request, _service_json(request, svc))
+
+
+async def checks(request: web.Request) -> web.StreamResponse:
+    local = _local(request)
+    return json_response(request, {cid: _check_json(request, local, cid)
+                                   for cid in sorted(local.checks)})  # fmt: skip
+
+
+async def check_register(request: web.Request) -> web.StreamResponse:
+    try:
+        _local(request).add_check(await _body(request))
+    except LocalStateError as e:
+        return text_error(400, f"Invalid check: {e}")
+    return web.Response(status=200)
+
+
+async def check_deregister(request: web.Request) -> web.StreamResponse:
+    cid = request.match_info["id"]
+    if not _local(request).remove_check(cid):
+        return text_error(404, f'Unknown check ID "{cid}"')
+    return web.Response(status=200)
+
+
+async def check_ttl(request: web.Request) -> web.StreamResponse:
+    cid = request.match_info["id"]
+    status = STATUS_OF[request.match_info["verb"]]
+    return _update(request, cid, status, request.query.get("note", ""))
+
+
+async def check_update(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    if not isinstance(body, dict):
+        return text_error(400, "Request decode failed: expected an object with Status")
+    fields = {k.lower(): v for k, v in body.items()}
+    status, output = fields.get("status", ""), fields.get("output", "")
+    if not isinstance(status, str) or not isinstance(output, str):
+        return text_error(400, "Status and Output must be strings")
+    return _update(request, request.match_info["id"], status, output)
+
+
+def _update(request: web.Request, cid: str, status: str, output: str) -> web.Response:
+    try:
+        _local(request).update_check(cid, status, output)
+    except KeyError:
+        return text_error(404, f'Unknown check ID "{cid}"')
+    except LocalStateError as e:
+        return text_error(400, str(e))
+    return web.Response(status=200)
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("PUT", "/v1/agent/service/register", service_register),
+    ("PUT", "/v1/agent/service/deregister/{id}", service_deregister),
+    ("GET", "/v1/agent/services", services),
+    ("GET", "/v1/agent/service/{id}", service),
+    ("GET", "/v1/agent/checks", checks),
+    ("PUT", "/v1/agent/check/register", check_register),
+    ("PUT", "/v1/agent/check/deregister/{id}", check_deregister),
+    ("PUT", "/v1/agent/check/{verb:pass|warn|fail}/{id}", check_ttl),
+    ("PUT", "/v1/agent/check/update/{id}", check_update),
+]
