@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gossip.keyring import KeyringError, parse_key
 from gossip.member import KeyResponse, Member
-from node.api import agent_services, catalog, kv, operator, session
+from node.api import agent_services, catalog, kv, operator, session, txn
 from node.api.common import (
     AGENT_KEY,
     Handler,
@@ -244,6 +244,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *session.ROUTES,
     *catalog.ROUTES,
     *agent_services.ROUTES,
+    *txn.ROUTES,
     # /v1/agent/metrics arrives with the metrics layer: add its row here.
 ]
 
