@@ -38,6 +38,7 @@ from gossip.member import (
 )
 from node.api.http import HTTPServer
 from node.config import CONSUL_COMPAT_VERSION, MESHNODE_VERSION, AgentConfig
+from node.metrics import AgentMetrics
 
 if TYPE_CHECKING:
     from node.consensus import Consensus
@@ -372,6 +373,7 @@ class Agent:
         self.consensus: Consensus | None = None
         #: the services and checks this agent owns (node/local.py), when it keeps any
         self.local: LocalState | None = None
+        self.metrics = AgentMetrics(self)
         self._runtime: GossipRuntimeLike | None = None
         self._pump: asyncio.Task[None] | None = None
         self._started: list[Component] = []

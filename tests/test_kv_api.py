@@ -181,9 +181,7 @@ async def test_blocking_get_waits_for_a_change_and_times_out_with_the_same_index
     assert headers["X-Consul-Index"] == index
 
 
-async def test_locks_with_a_session_of_this_node(
-    agent: Agent, http: aiohttp.ClientSession
-) -> None:
+async def test_locks_with_a_session_of_this_node(agent: Agent, http: aiohttp.ClientSession) -> None:
     consensus = agent.consensus
     assert consensus is not None
     store = consensus.store
@@ -327,3 +325,28 @@ async def test_bad_session_requests(agent: Agent, http: aiohttp.ClientSession) -
     async with http.put("/v1/session/destroy/not-a-uuid") as r:
         assert r.status == 400
     assert (await get(http, "/v1/session/list"))[1] == []
+
+
+# ----- /v1/agent/metrics -----
+
+
+async def test_metrics_in_prometheus_text_and_consul_json(http: aiohttp.ClientSession) -> None:
+    await put(http, "m1", b"x")
+    async with http.get("/v1/agent/metrics?format=prometheus") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=")
+        text = await r.text()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["meshnode_raft_leader"].samples[0].value == 1
+    assert families["meshnode_kv_entries"].samples[0].value == 1
+    puts = [s for s in families["meshnode_http_requests"].samples
+            if s.labels == {"method": "PUT", "status": "200"}]  # fmt: skip
+    assert puts and puts[0].value >= 1
+    assert "process_resident_memory_bytes" in families
+    async with http.get("/v1/agent/metrics") as r:
+        body = await r.json()
+    assert set(body) == {"Timestamp", "Gauges", "Points", "Counters", "Samples"}
+    gauges = {g["Name"]: g["Value"] for g in body["Gauges"]}
+    assert gauges["meshnode.raft.leader"] == 1 and gauges["meshnode.kv.entries"] == 1
+    assert any(c["Name"] == "meshnode.http.requests" for c in body["Counters"])

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gossip.keyring import KeyringError, parse_key
 from gossip.member import KeyResponse, Member
@@ -110,6 +111,14 @@ async def agent_leave(request: web.Request) -> web.StreamResponse:
     # Shut down only after this response is on its way (Consul answers, then exits).
     asyncio.get_running_loop().call_soon(agent.request_shutdown)
     return web.Response(status=200)
+
+
+async def agent_metrics(request: web.Request) -> web.StreamResponse:
+    metrics = agent_of(request).metrics
+    if request.query.get("format") == "prometheus":
+        return web.Response(body=metrics.prometheus(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})  # fmt: skip
+    return json_response(request, metrics.consul_json())
 
 
 # ----- /v1/event -----
@@ -245,7 +254,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *catalog.ROUTES,
     *agent_services.ROUTES,
     *txn.ROUTES,
-    # /v1/agent/metrics arrives with the metrics layer: add its row here.
+    ("GET", "/v1/agent/metrics", agent_metrics),
 ]
 
 
@@ -267,6 +276,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception as e:
         log.exception("http.handler_failed", method=request.method, path=request.path)
         resp = text_error(500, str(e) or type(e).__name__)
+    agent_of(request).metrics.http_requests.labels(request.method, str(resp.status)).inc()
     log.debug(
         "http.request",
         method=request.method,
