@@ -374,6 +374,7 @@ class Agent:
         #: the services and checks this agent owns (node/local.py), when it keeps any
         self.local: LocalState | None = None
         self.metrics = AgentMetrics(self)
+        self._reloads: set[asyncio.Future[None]] = set()
         self._runtime: GossipRuntimeLike | None = None
         self._pump: asyncio.Task[None] | None = None
         self._started: list[Component] = []
@@ -598,7 +599,13 @@ class Agent:
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
         if sig == signal.SIGHUP:
-            log.info("agent.reload_requested", signal=name, note="reload is not supported yet")
+            log.info("agent.reload_requested", signal=name)
+            for comp in self._started:
+                reload = getattr(comp, "reload", None)
+                if reload is not None:
+                    task = asyncio.ensure_future(reload())
+                    self._reloads.add(task)
+                    task.add_done_callback(self._reloads.discard)
             return
         self._signals += 1
         if self._signals == 1:

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from node.agent import AgentError
+from node.definitions import DefinitionError, load_dir
 from node.leader import CONSUL_SERVICE, SERF_CHECK_ID
-from node.local import LocalState
+from node.local import LocalState, LocalStateError
 from node.raft.runtime import NoLeader, WriteTimeout
 from node.raft.transport import RPCError
 from node.state import commands as cmd
@@ -45,13 +47,49 @@ class AntiEntropy:
         self._wake = asyncio.Event()
         self.local = LocalState(path, scripts=scripts, on_change=self._wake.set)
         self._task: asyncio.Task[None] | None = None
+        self._from_files: set[str] = set()
         self.syncs = 0
         agent.local = self.local
 
     async def start(self) -> None:
         self.local.load()
+        try:
+            self.load_definitions()
+        except (DefinitionError, LocalStateError) as e:
+            raise AgentError(f"--config-dir: {e}") from None
         self.local.start()
         self._task = asyncio.create_task(self._loop(), name="anti-entropy")
+
+    def load_definitions(self) -> None:
+        """(Re)load --config-dir: services defined there are registered (replaced), and those
+        an earlier load defined but the files no longer do are removed. Raises
+        DefinitionError/LocalStateError, leaving what is registered unchanged."""
+        directory = self.agent.config.config_dir
+        if directory is None:
+            return
+        defs = load_dir(Path(directory))
+        scratch = LocalState(None, scripts=self.local.scripts)  # validate everything first
+        for svc in defs.services:
+            scratch.add_service(svc)
+        for chk in defs.checks:
+            scratch.add_check(chk)
+        wanted = set(scratch.services)
+        for sid in sorted(self._from_files - wanted):
+            self.local.remove_service(sid)
+        for svc in defs.services:
+            self.local.add_service(svc, replace_checks=True)
+        for chk in defs.checks:
+            self.local.add_check(chk)
+        self._from_files = wanted
+        log.info("antientropy.definitions_loaded", directory=directory,
+                 services=sorted(wanted), checks=len(defs.checks))  # fmt: skip
+
+    async def reload(self) -> None:
+        """SIGHUP: reload the service definitions; a bad file is logged and changes nothing."""
+        try:
+            self.load_definitions()
+        except (DefinitionError, LocalStateError) as e:
+            log.error("antientropy.reload_failed", error=str(e))
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, NoReturn
 
 from gossip.keyring import KeyringError, generate_key, parse_key
@@ -398,6 +399,33 @@ def cmd_kv_delete(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_services_register(ns: argparse.Namespace) -> int:
+    from node.definitions import DefinitionError, load_file
+
+    try:
+        defs = load_file(Path(ns.file))
+    except DefinitionError as e:
+        raise UsageError(f"FILE: {e}") from None
+    if not defs.services and not defs.checks:
+        raise UsageError(f"FILE: {ns.file} defines no service or check")
+    client = _client(ns)
+    for svc in defs.services:
+        client.request("PUT", "/v1/agent/service/register", json.dumps(svc).encode())
+        name = next((v for k, v in svc.items() if k.lower() in ("name", "id")), "?")
+        print(f"Registered service: {name}")
+    for chk in defs.checks:
+        client.request("PUT", "/v1/agent/check/register", json.dumps(chk).encode())
+        name = next((v for k, v in chk.items() if k.lower() in ("name", "id", "checkid")), "?")
+        print(f"Registered check: {name}")
+    return 0
+
+
+def cmd_services_deregister(ns: argparse.Namespace) -> int:
+    _client(ns).request("PUT", "/v1/agent/service/deregister/" + urllib.parse.quote(ns.id, safe=""))
+    print(f"Deregistered service: {ns.id}")
+    return 0
+
+
 def cmd_raft_list_peers(ns: argparse.Namespace) -> int:
     path = "/v1/operator/raft/configuration" + ("?stale" if ns.stale else "")
     config = _client(ns).get_json(path)
@@ -556,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON or TOML config file (repeatable, later wins)",
     )
     agent.add_argument(
+        "--config-dir",
+        default=s,
+        metavar="DIR",
+        help="service and check definitions (*.json, *.toml), loaded at start and on SIGHUP",
+    )
+    agent.add_argument(
         "--dev", action="store_true", default=s, help="development mode: in-memory, loopback only"
     )
     agent.add_argument("--datacenter", default=s, help="datacenter name (dc1)")
@@ -645,6 +679,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = raft_sub.add_parser("transfer-leader", parents=[http_parent], help="move leadership")
     p.add_argument("--id", default="", help="the voter to hand leadership to (any by default)")
     p.set_defaults(func=cmd_raft_transfer_leader)
+
+    svcs = sub.add_parser("services", help="register services with the local agent")
+    svcs_sub = svcs.add_subparsers(dest="services_command", metavar="SUBCOMMAND",
+                                   parser_class=_Parser)  # fmt: skip
+    svcs_sub.required = True
+    p = svcs_sub.add_parser("register", parents=[http_parent],
+                            help="register the services and checks defined in FILE")  # fmt: skip
+    p.add_argument("file", metavar="FILE", help="a .json or .toml service definition")
+    p.set_defaults(func=cmd_services_register)
+    p = svcs_sub.add_parser("deregister", parents=[http_parent], help="deregister service ID")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(func=cmd_services_deregister)
 
     snap = sub.add_parser("snapshot", help="save or restore the replicated state")
     snap_sub = snap.add_subparsers(

@@ -85,6 +85,7 @@ class AgentConfig:
     encrypt: str | None = None
     discover: str | None = None
     config_file: tuple[str, ...] = ()
+    config_dir: str | None = None
     dev: bool = False
     datacenter: str = "dc1"
     domain: str = "consul"
@@ -339,6 +340,7 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "dev": _bool,
     "datacenter": _datacenter,
     "domain": _domain,
+    "config_dir": _data_dir,
     "enable_script_checks": _bool,
     "recursors": _recursors,
     "dns_node_ttl": _ttl,
@@ -366,6 +368,7 @@ _DEFAULTS: dict[str, Any] = {
     "dev": False,
     "datacenter": "dc1",
     "domain": "consul",
+    "config_dir": None,
     "enable_script_checks": False,
     "recursors": (),
     "dns_node_ttl": 0,
@@ -567,6 +570,7 @@ def load_config(
         dev=dev,
         datacenter=value("datacenter"),
         domain=value("domain"),
+        config_dir=value("config_dir"),
         enable_script_checks=bool(value("enable_script_checks")),
         recursors=tuple(value("recursors")),
         dns_node_ttl=int(value("dns_node_ttl")),

@@ -1,0 +1,112 @@
+"""Service definitions: --config-dir at start and on SIGHUP, and `meshnode services register`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.definitions import DefinitionError, load_dir
+from tests.harness.agents import REPO_ROOT, AgentProc, free_port, wait_until
+
+
+def test_definition_files_in_json_and_toml(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"service": {"name": "web", "port": 80}}))
+    (tmp_path / "b.toml").write_text(
+        '[[services]]\nname = "api"\nport = 81\n[[services]]\nname = "db"\n'
+        '[check]\nname = "disk"\nttl = "30s"\n'
+    )
+    (tmp_path / "notes.txt").write_text("ignored")
+    defs = load_dir(tmp_path)
+    assert [s["name"] for s in defs.services] == ["web", "api", "db"]
+    assert [c["name"] for c in defs.checks] == ["disk"]
+    (tmp_path / "c.json").write_text('{"servce": {}}')
+    with pytest.raises(DefinitionError, match=r"c\.json: unknown or malformed key 'servce'"):
+        load_dir(tmp_path)
+    (tmp_path / "c.json").write_text("{oops")
+    with pytest.raises(DefinitionError, match=r"c\.json"):
+        load_dir(tmp_path)
+
+
+def agent_services(a: AgentProc) -> set[str]:
+    status, body = a.http("GET", "/v1/agent/services")
+    assert status == 200
+    return set(body)
+
+
+def catalog_services(a: AgentProc) -> set[str]:
+    status, body = a.http("GET", "/v1/catalog/services")
+    assert status == 200
+    return set(body)
+
+
+def cli(a: AgentProc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args, "--http-addr", a.http_base],
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT, env=a.env,
+    )  # fmt: skip
+
+
+@pytest.mark.cluster
+def test_config_dir_at_start_on_sighup_and_the_services_cli(tmp_path: Path) -> None:
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "web.json").write_text(json.dumps(
+        {"service": {"name": "web", "port": 8080, "check": {"ttl": "60s"}}}))  # fmt: skip
+    ip = "127.0.0.1"
+    a = AgentProc("defs", ip, tmp_path, dev=True, extra_args=[
+        "--server-port", str(free_port(ip, udp=False)), "--config-dir", str(conf)])  # fmt: skip
+    a.start()
+    try:
+        a.wait_ready()
+        assert agent_services(a) == {"web"}
+        wait_until(lambda: "web" in catalog_services(a), timeout=10, desc="web in the catalog")
+        # SIGHUP: what the directory defines now replaces what it defined before
+        (conf / "web.json").unlink()
+        (conf / "api.toml").write_text('[service]\nname = "api"\nport = 9000\n')
+        assert a.popen is not None
+        a.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda: agent_services(a) == {"api"}, timeout=10, desc="reloaded")
+        wait_until(lambda: catalog_services(a) == {"api", "consul"}, timeout=10,
+                   desc="catalog follows the reload")  # fmt: skip
+        # a broken file: the reload is refused and nothing changes
+        (conf / "broken.json").write_text("{")
+        a.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda: "antientropy.reload_failed" in a.log_text(), timeout=10,
+                   desc="the failed reload is logged")  # fmt: skip
+        assert agent_services(a) == {"api"} and a.running
+        # the CLI registers and deregisters through the agent API
+        f = tmp_path / "cache.json"
+        f.write_text(json.dumps({"service": {"name": "cache", "port": 6379}}))
+        out = cli(a, "services", "register", str(f))
+        assert out.returncode == 0 and "Registered service: cache" in out.stdout, out.stderr
+        assert agent_services(a) == {"api", "cache"}
+        out = cli(a, "services", "deregister", "cache")
+        assert out.returncode == 0, out.stderr
+        assert agent_services(a) == {"api"}
+        out = cli(a, "services", "deregister", "nope")
+        assert out.returncode == 1 and "Unknown service ID" in out.stderr
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"service": {"port": 1}}')
+        out = cli(a, "services", "register", str(bad))
+        assert out.returncode == 1 and "Missing service name" in out.stderr
+    finally:
+        a.stop()
+
+
+@pytest.mark.cluster
+def test_a_broken_config_dir_stops_the_start_with_a_message(tmp_path: Path) -> None:
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "x.json").write_text('{"service": {"name": "x", "check": {"http": "http://h"}}}')
+    ip = "127.0.0.1"
+    a = AgentProc("broken", ip, tmp_path, dev=True, extra_args=[
+        "--server-port", str(free_port(ip, udp=False)), "--config-dir", str(conf)])  # fmt: skip
+    a.start()
+    assert a.popen is not None
+    assert a.popen.wait(timeout=30) == 1
+    assert "--config-dir" in a.log_text() and "Interval" in a.log_text()
