@@ -3,8 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-SYS_PKGS := serf dnsutils iproute2 nftables iptables
-SYS_CMDS := serf dig ip nft iptables
+SYS_PKGS := serf dnsutils iproute2 nftables iptables victoria-metrics
+SYS_CMDS := serf dig ip nft iptables victoria-metrics
 
 .PHONY: run test lint sysdeps clean
 

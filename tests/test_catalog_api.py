@@ -128,3 +128,18 @@ async def test_deregister_and_bad_requests(agent: Agent, http: aiohttp.ClientSes
     assert isinstance(nodes, list) and [n["Node"] for n in nodes] == ["box1", "node1"]
     async with http.get("/v1/catalog/services?dc=dc2") as r:
         assert r.status == 500 and "No path to datacenter" in await r.text()
+
+
+async def test_several_tags_select_instances_with_every_tag(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    await wait_node_registered(agent)
+    for i, tags in enumerate((["prod"], ["prod", "v2"], ["v2"])):
+        body = {"Node": f"t{i}", "Address": f"10.2.0.{i}",
+                "Service": {"ID": f"w{i}", "Service": "w", "Tags": tags}}  # fmt: skip
+        assert (await register(http, body))[0] == 200
+    for path in ("/v1/catalog/service/w?tag=prod&tag=v2", "/v1/catalog/service/w?tag=v2&tag=prod"):
+        _, inst, _ = await get(http, path)
+        assert isinstance(inst, list) and [i["ServiceID"] for i in inst] == ["w1"], path
+    _, health, _ = await get(http, "/v1/health/service/w?tag=v2&tag=prod")
+    assert isinstance(health, list) and [e["Service"]["ID"] for e in health] == ["w1"]

@@ -152,11 +152,22 @@ async def catalog_services(request: web.Request) -> web.StreamResponse:
     return await _read(request, (SERVICES,), catalog.list_services)
 
 
+def _tags(request: web.Request) -> list[str]:
+    """Every ?tag= given: an instance must carry all of them (Consul 1.9+)."""
+    return request.query.getall("tag", [])
+
+
+def _with_tags(items: list[dict[str, Any]], tags: list[str], field: Callable[[Any], Any]) -> Any:
+    return [i for i in items if all(t in field(i) for t in tags)]
+
+
 async def catalog_service(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
-    tag = request.query.get("tag")
+    tags = _tags(request)
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (NODES, SERVICES), lambda: catalog.service_nodes(name, tag))
+    return await _read(request, (NODES, SERVICES), lambda: _with_tags(
+        catalog.service_nodes(name, tags[0] if tags else None), tags,
+        lambda i: i["ServiceTags"]))  # fmt: skip
 
 
 async def catalog_node(request: web.Request) -> web.StreamResponse:
@@ -168,12 +179,12 @@ async def catalog_node(request: web.Request) -> web.StreamResponse:
 
 async def health_service(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
-    tag = request.query.get("tag")
+    tags = _tags(request)
     passing = flag(request, "passing") and request.query["passing"].lower() not in ("0", "false")
     catalog = consensus_of(request).store.catalog
-    return await _read(
-        request, (NODES, SERVICES, CHECKS), lambda: catalog.health_service(name, tag, passing)
-    )
+    return await _read(request, (NODES, SERVICES, CHECKS), lambda: _with_tags(
+        catalog.health_service(name, tags[0] if tags else None, passing), tags,
+        lambda i: i["Service"]["Tags"]))  # fmt: skip
 
 
 async def health_checks(request: web.Request) -> web.StreamResponse:
