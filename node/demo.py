@@ -64,6 +64,19 @@ def _leader(ip: str) -> str:
         return ""
 
 
+def _register_demo_service() -> None:
+    """The demo web service, registered with node1 and health-checked by it over HTTP."""
+    body = json.dumps({
+        "Name": "web", "Port": DEMO_PORT, "Tags": ["demo"],
+        "Check": {"HTTP": f"http://127.0.0.1:{DEMO_PORT}/", "Interval": "2s"},
+    }).encode()  # fmt: skip
+    req = urllib.request.Request(
+        "http://127.0.0.1:8500/v1/agent/service/register", data=body, method="PUT"
+    )
+    with urllib.request.urlopen(req, timeout=5):
+        pass
+
+
 def _wait_converged(timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -100,6 +113,7 @@ def main() -> int:
         if not _wait_converged(30):
             print(f"the cluster did not form; logs are in {data}", file=sys.stderr)
             return 1
+        _register_demo_service()
         print(
             f"""
 meshnode demo: 3 agents on 127.0.0.1-3 (gossip :8301, Raft :8300, HTTP :8500), one Raft
@@ -111,6 +125,8 @@ Try, in another terminal (source .venv/bin/activate first):
   meshnode operator raft list-peers
   meshnode kv put greeting hello && meshnode kv get greeting --http-addr 127.0.0.3:8500
   curl -s 'http://127.0.0.2:8500/v1/kv/greeting?consistent'
+  dig @127.0.0.2 -p 8600 web.service.consul SRV       # the demo service, from any agent
+  curl -s 'http://127.0.0.3:8500/v1/health/service/web?passing'
   meshnode event deploy v2 && curl -s http://127.0.0.2:8500/v1/event/list
   kill -9 {procs[2].pid}        # node3: the others see it failed within seconds
   curl -s http://127.0.0.1:{DEMO_PORT}/
