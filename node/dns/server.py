@@ -1,10 +1,12 @@
 """The agent's DNS server: UDP and TCP on --client:--dns-port, answering from the local replica.
 
-Rendering a reply with dnspython costs far more than serving one, so rendered replies are kept
-per (name, type, size limit) until the catalog changes (its table indexes move); a hit only
-patches the query ID. A few differently shuffled renderings are kept per name, so clients still
-see the instances in varying order. Names outside the domain go to the --recursor servers.
-Garbage gets FORMERR when it has a readable header and is dropped otherwise; both are counted.
+Parsing a query and rendering a reply with dnspython cost far more than serving one, so
+rendered replies are kept per query (its bytes after the ID, and the size limit) until the
+catalog changes (its table indexes move); a hit is answered straight from the datagram
+callback, patching only the query ID. A few differently shuffled renderings are kept per
+query, so clients still see the instances in varying order. Names outside the domain go to
+the --recursor servers. Garbage gets FORMERR when it has a readable header and is dropped
+otherwise; both are counted.
 """
 
 from __future__ import annotations
@@ -74,10 +76,26 @@ class Responder:
         self.recursors = recursors
         self.rng = rng or random.Random()
         self.stats = DNSStats()
-        self._cache: dict[tuple[str, int, int], _Entry] = {}
+        # keyed by the query's bytes after its ID (flags, question, EDNS) and the size limit,
+        # so a hit needs no parsing at all
+        self._cache: dict[tuple[bytes, int | None], _Entry] = {}
+
+    def cached(self, wire: bytes, limit: int | None) -> bytes | None:
+        """The reply from the cache, when this exact query was answered for the current
+        catalog (all variants rendered); None sends the query down the full path."""
+        entry = self._cache.get((wire[2:], limit))
+        if entry is None or len(entry.variants) < VARIANTS:
+            return None
+        if entry.index != self.store().table_index(CATALOG_TABLES):
+            return None
+        self.stats.queries += 1
+        self.stats.cache_hits += 1
+        return wire[:2] + self.rng.choice(entry.variants)[2:]
 
     async def respond(self, wire: bytes, limit: int | None) -> bytes | None:
         """limit: the UDP size limit (None over TCP: no truncation)."""
+        if (hit := self.cached(wire, limit)) is not None:
+            return hit
         self.stats.queries += 1
         try:
             query = dns.message.from_wire(wire)
@@ -94,20 +112,15 @@ class Responder:
         size = TCP_MAX_SIZE if limit is None else max(limit, query.payload, UDP_DEFAULT_SIZE)
         if not self.resolver.in_domain(q.name):
             return await self._forward(query, wire, size)
-        key = (q.name.to_text(), int(q.rdtype), size)
+        key = (wire[2:], limit)
         index = self.store().table_index(CATALOG_TABLES)
         entry = self._cache.get(key)
         if entry is None or entry.index != index:
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             entry = self._cache[key] = _Entry(index)
-        if len(entry.variants) < VARIANTS:
-            entry.variants.append(self._render(self.resolver.answer(query), size))
-            out = entry.variants[-1]
-        else:
-            self.stats.cache_hits += 1
-            out = self.rng.choice(entry.variants)
-        return wire[:2] + out[2:]  # the cached reply with this query's ID
+        entry.variants.append(self._render(self.resolver.answer(query), size))
+        return wire[:2] + entry.variants[-1][2:]
 
     def _render(self, resp: dns.message.Message, size: int) -> bytes:
         try:
@@ -172,6 +185,10 @@ class _UDP(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        hit = self.responder.cached(data, UDP_DEFAULT_SIZE)
+        if hit is not None and self.transport is not None:
+            self.transport.sendto(hit, addr)  # the common case: no task, no parsing
+            return
         task = asyncio.ensure_future(self._answer(data, addr))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
