@@ -133,21 +133,36 @@ class AntiEntropy:
         writes: list[bytes] = []
         now = time.time()
         in_catalog = (catalog.node_services(me) or {}).get("Services", {})
+        checks_in_catalog = {c["CheckID"]: c for c in catalog.node_checks(me)}
+        fields = ("Status", "Output", "Name", "Notes", "ServiceID", "Type")
+
+        def stale_checks(service_id: str, everything: bool) -> list[dict[str, Any]]:
+            service_name = self.local.services.get(service_id, {}).get("Service", "")
+            out = []
+            for cid, chk in self.local.checks.items():
+                if chk.service_id != service_id:
+                    continue
+                want = chk.catalog(me, service_name)
+                have = checks_in_catalog.get(cid)
+                if everything or have is None or any(have.get(k) != want[k] for k in fields):
+                    out.append(want)
+            return out
+
+        # a service and its checks in one write, as Consul's agent does: no reader ever sees
+        # the service without the checks that may keep it out of ?passing
         for sid, svc in self.local.services.items():
             have = in_catalog.get(sid)
-            if have is None or any(have.get(k) != v for k, v in svc.items()):
-                writes.append(cmd.register(me, address, service=svc, now=now, **node_fields))
+            changed = have is None or any(have.get(k) != v for k, v in svc.items())
+            checks = stale_checks(sid, everything=changed)
+            if changed or checks:
+                writes.append(cmd.register(me, address, service=svc, checks=checks, now=now,
+                                           **node_fields))  # fmt: skip
         for sid in in_catalog:
             if sid not in self.local.services and sid != CONSUL_SERVICE:
                 writes.append(cmd.deregister(me, service_id=sid, now=now))
-        checks_in_catalog = {c["CheckID"]: c for c in catalog.node_checks(me)}
-        for cid, chk in self.local.checks.items():
-            service_name = self.local.services.get(chk.service_id, {}).get("Service", "")
-            want = chk.catalog(me, service_name)
-            have = checks_in_catalog.get(cid)
-            fields = ("Status", "Output", "Name", "Notes", "ServiceID", "Type")
-            if have is None or any(have.get(k) != want[k] for k in fields):
-                writes.append(cmd.register(me, address, checks=[want], now=now, **node_fields))
+        node_checks = stale_checks("", everything=False)
+        if node_checks:
+            writes.append(cmd.register(me, address, checks=node_checks, now=now, **node_fields))
         for cid in checks_in_catalog:
             if cid not in self.local.checks and cid != SERF_CHECK_ID:
                 writes.append(cmd.deregister(me, check_id=cid, now=now))

@@ -452,8 +452,10 @@ class Consensus:
     async def transfer_leader(self, target: str = "") -> str:
         return str(await self._leader_call("transfer_leader", target))
 
-    async def renew_session(self, session_id: str) -> bool:
-        return bool(await self._leader_call("session_renew", session_id))
+    async def renew_session(self, session_id: str) -> dict[str, Any] | None:
+        """Reset the session's TTL on the leader; its JSON there, None when it does not exist."""
+        session = await self._leader_call("session_renew", session_id)
+        return dict(session) if isinstance(session, dict) else None
 
     async def _leader_call(self, method: str, args: Any) -> Any:
         """Run one of the leader-only RPCs here when leading, else on the leader."""
@@ -510,9 +512,11 @@ class Consensus:
             raise RPCError("leadership transfer timed out") from None
         return voters[0]
 
-    async def _rpc_session_renew(self, args: Any) -> bool:
+    async def _rpc_session_renew(self, args: Any) -> Any:
         self._require_leader()
-        return self.duties.renew(self.store, str(args), time.monotonic())
+        if not self.duties.renew(self.store, str(args), time.monotonic()):
+            return None
+        return self.store.sessions.get(str(args))
 
 
 def _health(m: Member) -> Health:

@@ -224,6 +224,7 @@ class LocalState:
             raise KeyError(cid)
         if chk.ttl:
             chk.ttl_deadline = time.monotonic() + chk.ttl
+            self._restart(chk)  # its timer now ends at the new deadline, to the millisecond
         if (chk.status, chk.output) != (status, output[:MAX_OUTPUT]):
             chk.set(status, output)
             self._changed()
@@ -249,6 +250,12 @@ class LocalState:
         self.checks[chk.id] = chk
         self._run(chk)
 
+    def _restart(self, chk: CheckSpec) -> None:
+        task = self._runners.pop(chk.id, None)
+        if task is not None:
+            task.cancel()
+        self._run(chk)
+
     def _drop_check(self, cid: str) -> None:
         self.checks.pop(cid, None)
         task = self._runners.pop(cid, None)
@@ -264,20 +271,24 @@ class LocalState:
             self._runners[chk.id] = asyncio.create_task(self._runner(chk), name=f"check-{chk.id}")
 
     async def _runner(self, chk: CheckSpec) -> None:
+        """One per check. A TTL check's runner is restarted by every update (so its timer is
+        exact); once expired it only wakes to reap the service (DeregisterCriticalServiceAfter)."""
         while True:
-            if chk.kind == "ttl":
-                await asyncio.sleep(max(0.05, chk.ttl_deadline - time.monotonic()))
-                if time.monotonic() >= chk.ttl_deadline and chk.status != "critical":
-                    chk.set("critical", "TTL expired")
-                    self._changed()
-            elif chk.kind in ("http", "tcp", "script"):
+            if chk.kind in ("http", "tcp", "script"):
                 status, output = await _probe(chk)
                 if (status, output) != (chk.status, chk.output):
                     chk.set(status, output)
                     self._changed()
                 await asyncio.sleep(chk.interval)
-            else:
-                await asyncio.sleep(3600)
+            elif chk.kind == "ttl" and chk.ttl_deadline > time.monotonic():
+                await asyncio.sleep(chk.ttl_deadline - time.monotonic())
+                if chk.status != "critical":
+                    chk.set("critical", "TTL expired")
+                    self._changed()
+            else:  # expired TTL or a manual check: nothing to do until an update or the reap
+                reap_in = chk.deregister_after - (time.monotonic() - chk.critical_since)
+                await asyncio.sleep(max(0.01, reap_in) if chk.deregister_after and
+                                    chk.critical_since else 3600.0)  # fmt: skip
             self._deregister_if_critical_too_long(chk)
 
     def _deregister_if_critical_too_long(self, chk: CheckSpec) -> None:

@@ -188,3 +188,17 @@ async def test_bad_registrations_are_refused(http: aiohttp.ClientSession) -> Non
     status, msg = await put(http, "/v1/agent/check/update/m", {"Status": "great"})
     assert status == 400 and "Status" in msg
     assert await get(http, "/v1/agent/services") == {}
+
+
+async def test_a_ttl_update_rearms_the_timer_exactly(http: aiohttp.ClientSession) -> None:
+    assert await put(http, "/v1/agent/check/register", {"Name": "beat", "TTL": "300ms"}) == (
+        200, "",
+    )  # fmt: skip
+    for _ in range(4):  # updates faster than the TTL keep it passing, never a flap
+        assert await put(http, "/v1/agent/check/pass/beat") == (200, "")
+        await asyncio.sleep(0.15)
+        assert (await get(http, "/v1/agent/checks"))["beat"]["Status"] == "passing"
+    t0 = time.monotonic()
+    while (await get(http, "/v1/agent/checks"))["beat"]["Status"] == "passing":
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - t0 < 0.3  # critical within the TTL after the last update

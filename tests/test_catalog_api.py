@@ -116,7 +116,8 @@ async def test_deregister_and_bad_requests(agent: Agent, http: aiohttp.ClientSes
         (b'{"Address": "10.0.0.1"}', 400, "Must provide node"),
         (b'{"Node": "n"}', 400, "Must provide address"),
         (b'{"Node": "n", "Address": "a", "Service": {"Port": 1}}', 400, "service"),
-        (b'{"Node": "n", "Address": "a", "Check": {"Name": "x"}}', 400, "check"),
+        (b'{"Node": "n", "Address": "a", "Check": {"Status": "passing"}}', 400, "check"),
+        (b'{"Node": "n", "Address": "a", "Datacenter": "dc2"}', 500, "No path to datacenter"),
         (b'{"Node": "n", "Address": "a", "ID": "not-a-uuid"}', 400, "UUID"),
     ]:
         async with http.put("/v1/catalog/register", data=body) as r:
@@ -124,8 +125,16 @@ async def test_deregister_and_bad_requests(agent: Agent, http: aiohttp.ClientSes
             assert r.status == status and text.lower() in got.lower(), (body, r.status, got)
     async with http.put("/v1/catalog/deregister", data=b"{}") as r:
         assert r.status == 400
+    body = {"Node": "box1", "Datacenter": "dc2"}
+    async with http.put("/v1/catalog/deregister", json=body) as r:
+        assert r.status == 500  # another datacenter: nothing is deleted here
     _, nodes, _ = await get(http, "/v1/catalog/nodes")
     assert isinstance(nodes, list) and [n["Node"] for n in nodes] == ["box1", "node1"]
+    # a check named but without an ID takes its Name as ID (Consul's Catalog.Register)
+    named = {"Node": "box1", "Address": "10.1.0.1", "Check": {"Name": "disk", "Status": "passing"}}
+    assert await register(http, named) == (200, "true")
+    _, checks, _ = await get(http, "/v1/health/node/box1")
+    assert isinstance(checks, list) and [c["CheckID"] for c in checks] == ["disk"]
     async with http.get("/v1/catalog/services?dc=dc2") as r:
         assert r.status == 500 and "No path to datacenter" in await r.text()
 

@@ -289,6 +289,8 @@ async def test_session_lifecycle(agent: Agent, http: aiohttp.ClientSession) -> N
     assert (await get(http, f"/v1/session/info/{sid}"))[1] == []
     async with http.put(f"/v1/session/renew/{sid}") as r:
         assert r.status == 404
+    async with http.put("/v1/session/renew/111") as r:  # malformed: unknown too, as in Consul
+        assert r.status == 404
     async with http.put(f"/v1/session/destroy/{sid}") as r:  # idempotent
         assert await r.json() is True
 

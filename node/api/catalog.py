@@ -76,9 +76,15 @@ async def catalog_register(request: web.Request) -> web.StreamResponse:
         service = req.get("Service")
         if service is not None:
             service = canonical(service, SERVICE_SPEC, "Service")
+        dc = req.get("Datacenter")
+        if dc and dc != agent_of(request).config.datacenter:
+            return text_error(500, "No path to datacenter")
         checks = [canonical(c, CHECK_SPEC, "Check") for c in req.get("Checks") or []]
         if req.get("Check") is not None:
             checks.insert(0, canonical(req["Check"], CHECK_SPEC, "Check"))
+        for chk in checks:  # Consul: a check without an ID is named by its Name
+            if not chk.get("CheckID") and isinstance(chk.get("Name"), str):
+                chk["CheckID"] = chk["Name"]
         command = cmd.register(
             node,
             address,
@@ -106,6 +112,9 @@ async def catalog_deregister(request: web.Request) -> web.StreamResponse:
         return body
     try:
         req = canonical(body, ["Node", "ServiceID", "CheckID", "Datacenter"], "the request")
+        dc = req.get("Datacenter")
+        if dc and dc != agent_of(request).config.datacenter:
+            return text_error(500, "No path to datacenter")
         node = req.get("Node")
         if not isinstance(node, str) or not node:
             raise ValueError("Must provide node")

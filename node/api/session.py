@@ -139,18 +139,17 @@ async def session_destroy(request: web.Request) -> web.StreamResponse:
 async def session_renew(request: web.Request) -> web.StreamResponse:
     if (err := check_dc(request)) is not None:
         return err
-    sid = _session_id(request)
-    if isinstance(sid, web.Response):
-        return sid
-    consensus = consensus_of(request)
+    sid = request.match_info["id"]
+    if not is_uuid(sid):  # Consul: any unknown ID, malformed or not, is a 404
+        return text_error(404, f"Session id '{sid}' not found")
     try:
-        found = await consensus.renew_session(sid)
+        session = await consensus_of(request).renew_session(sid)
     except (NoLeader, RPCError) as e:
         return text_error(500, str(e) or "No cluster leader")
-    if not found:
+    if session is None:
         return text_error(404, f"Session id '{sid}' not found")
-    session = consensus.store.sessions.get(sid)
-    return json_response(request, [session] if session is not None else [])
+    # the leader's copy: this agent's replica may not have applied the create yet
+    return json_response(request, [session])
 
 
 async def session_info(request: web.Request) -> web.StreamResponse:
