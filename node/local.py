@@ -282,8 +282,9 @@ class LocalState:
                 await asyncio.sleep(chk.interval)
             elif chk.kind == "ttl" and chk.ttl_deadline > time.monotonic():
                 await asyncio.sleep(chk.ttl_deadline - time.monotonic())
-                if chk.status != "critical":
-                    chk.set("critical", "TTL expired")
+                if chk.status != "critical":  # Consul's wording, the last output kept
+                    chk.set("critical", "TTL expired (last output before timeout follows): "
+                                        + chk.output)  # fmt: skip
                     self._changed()
             else:  # expired TTL or a manual check: nothing to do until an update or the reap
                 reap_in = chk.deregister_after - (time.monotonic() - chk.critical_since)

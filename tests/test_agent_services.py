@@ -82,7 +82,7 @@ async def test_ttl_check_lifecycle_reaches_the_catalog(http: aiohttp.ClientSessi
     assert len(await get(http, "/v1/health/service/api?passing")) == 1
     await eventually(lambda: catalog_has("critical"), timeout=5)  # the TTL ran out
     chk = (await get(http, "/v1/agent/checks"))["service:api-1"]
-    assert chk["Output"] == "TTL expired"
+    assert chk["Output"] == "TTL expired (last output before timeout follows): ok"
     assert await put(http, "/v1/agent/check/update/service:api-1",
                      {"Status": "warning", "Output": "slow"}) == (200, "")  # fmt: skip
     await eventually(lambda: catalog_has("warning"))
