@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from node.state import commands as cmd
 from node.state.commands import CHECK_STATUSES, SERVICE_SPEC
 from node.state.sessions import parse_duration
 
@@ -31,6 +32,7 @@ log = structlog.get_logger("node.local")
 
 MAX_OUTPUT = 4096  # Consul keeps 4 KiB of check output
 DEFAULT_TIMEOUT = 10.0
+MIN_INTERVAL = 1.0
 
 
 class LocalStateError(ValueError):
@@ -61,6 +63,14 @@ def _duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
         raise LocalStateError(f"invalid {name}: {e}") from None
 
 
+def _mapping(raw: Any, field: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LocalStateError(f"{field} must be an object")
+    return dict(raw)
+
+
 class CheckSpec:
     """A check definition (the agent's view: how to run it) plus its current state."""
 
@@ -83,6 +93,8 @@ class CheckSpec:
         self.tcp = str(_get(obj, "TCP") or "")
         self.args = _get(obj, "Args") or _get(obj, "ScriptArgs") or []
         self.interval = _duration(obj, "Interval")
+        if 0 < self.interval < MIN_INTERVAL:
+            self.interval = MIN_INTERVAL  # Consul clamps to 1 s too
         self.timeout = _duration(obj, "Timeout") or DEFAULT_TIMEOUT
         self.deregister_after = _duration(obj, "DeregisterCriticalServiceAfter")
         kinds = [k for k, v in (("ttl", self.ttl), ("http", self.http), ("tcp", self.tcp),
@@ -169,8 +181,8 @@ class LocalState:
         svc: dict[str, Any] = {
             "ID": sid, "Service": name, "Tags": tags, "Port": port,
             "Address": str(_get(obj, "Address") or ""),
-            "Meta": dict(_get(obj, "Meta") or {}),
-            "Weights": dict(_get(obj, "Weights") or {"Passing": 1, "Warning": 1}),
+            "Meta": _mapping(_get(obj, "Meta"), "Meta"),
+            "Weights": _mapping(_get(obj, "Weights"), "Weights"),
             "EnableTagOverride": bool(_get(obj, "EnableTagOverride", False)),
             "Kind": str(_get(obj, "Kind") or ""),
             "Proxy": _get(obj, "Proxy"),
@@ -178,7 +190,18 @@ class LocalState:
         }  # fmt: skip
         unknown = set(svc) - set(SERVICE_SPEC)
         assert not unknown, unknown
-        raw_checks = list(_get(obj, "Checks") or [])
+        try:  # the catalog's own rules, so anti-entropy can always write what was accepted
+            cmd.register("validate", "127.0.0.1", service=svc, now=0.0)
+        except cmd.CommandError as e:
+            raise LocalStateError(str(e).split(": ", 1)[-1]) from None
+        passing, warning = svc["Weights"].get("Passing", 1), svc["Weights"].get("Warning", 1)
+        if not (type(passing) is int and passing >= 1 and type(warning) is int and warning >= 0):
+            raise LocalStateError("Invalid Weights: Passing must be >= 1 and Warning >= 0")
+        svc["Weights"] = {"Passing": passing, "Warning": warning}
+        raw_checks = _get(obj, "Checks") or []
+        if not isinstance(raw_checks, list):
+            raise LocalStateError("Checks must be a list of checks")
+        raw_checks = list(raw_checks)
         if _get(obj, "Check"):
             raw_checks.insert(0, _get(obj, "Check"))
         checks = []

@@ -240,9 +240,9 @@ async def keyring(request: web.Request) -> web.StreamResponse:
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/agent/members", agent_members),
     ("GET", "/v1/agent/self", agent_self),
-    ("PUT", "/v1/agent/join/{address:.+}", agent_join),
+    ("PUT", r"/v1/agent/join/{address:[\s\S]+}", agent_join),
     ("PUT", "/v1/agent/leave", agent_leave),
-    ("PUT", "/v1/event/fire/{name:.*}", event_fire),
+    ("PUT", r"/v1/event/fire/{name:[\s\S]*}", event_fire),
     ("GET", "/v1/event/list", event_list),
     ("GET", "/v1/operator/keyring", keyring),
     ("POST", "/v1/operator/keyring", keyring),

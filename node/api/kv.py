@@ -142,7 +142,7 @@ async def kv_delete(request: web.Request) -> web.StreamResponse:
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
-    ("GET", "/v1/kv/{key:.*}", kv_get),
-    ("PUT", "/v1/kv/{key:.*}", kv_put),
-    ("DELETE", "/v1/kv/{key:.*}", kv_delete),
+    ("GET", r"/v1/kv/{key:[\s\S]*}", kv_get),
+    ("PUT", r"/v1/kv/{key:[\s\S]*}", kv_put),
+    ("DELETE", r"/v1/kv/{key:[\s\S]*}", kv_delete),
 ]

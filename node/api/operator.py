@@ -9,6 +9,7 @@ import io
 import json
 import tarfile
 import time
+import zlib
 from typing import Any
 
 from aiohttp import web
@@ -154,7 +155,7 @@ def unpack_snapshot(archive: bytes) -> tuple[dict[str, Any], bytes]:
                 f = tar.extractfile(member) if member.isfile() else None
                 if f is not None:
                     files[member.name] = f.read()
-    except (tarfile.TarError, gzip.BadGzipFile, EOFError, OSError) as e:
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
         raise SnapshotError(f"not a snapshot archive: {e}") from None
     for name in ("meta.json", "state.bin", "SHA256SUMS"):
         if name not in files:

@@ -7,6 +7,7 @@ so a renew goes to the leader and a session not renewed within 2 x TTL is destro
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -45,6 +46,8 @@ def _lock_delay_ns(raw: Any) -> int:
     if isinstance(raw, str):
         ns = round(parse_duration(raw) * 1e9)
     elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        if not math.isfinite(raw):
+            raise ValueError(f"LockDelay must be a finite duration, got {raw!r}")
         ns = round(raw * 1e9) if raw < LOCK_DELAY_SECONDS_BELOW else int(raw)
     else:
         raise ValueError(f"LockDelay must be a duration, got {raw!r}")

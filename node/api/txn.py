@@ -97,7 +97,7 @@ def parse_ops(body: Any) -> list[dict[str, Any]]:
             raise ValueError(f"operation {i}: unknown operation type {kind!r}")
         try:
             ops.append(parse(inner))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # 1e999 is a float infinity
             raise ValueError(f"operation {i}: {e}") from None
     return ops
 
