@@ -101,11 +101,9 @@ class CheckSpec:
                                 ("script", self.args)) if v]  # fmt: skip
         if len(kinds) > 1:
             raise LocalStateError(f"check {self.id!r} has several kinds: {', '.join(kinds)}")
-        self.kind = kinds[0] if kinds else "ttl" if not self.interval else ""
-        if not kinds and self.interval:
-            raise LocalStateError(f"check {self.id!r} has an Interval but no HTTP, TCP or Args")
-        if self.kind == "ttl" and not self.ttl:
-            self.kind = "manual"  # no TTL and nothing to run: only /v1/agent/check/* moves it
+        if not kinds:  # Consul's message for a check it cannot run
+            raise LocalStateError("Must provide TTL or HTTP/TCP/Args and Interval")
+        self.kind = kinds[0]
         if self.kind in ("http", "tcp", "script") and self.interval <= 0:
             raise LocalStateError(f"check {self.id!r}: Interval is required for {self.kind}")
         if self.kind == "script":
@@ -147,7 +145,7 @@ class CheckSpec:
             "Output": self.output,
             "ServiceID": self.service_id,
             "ServiceName": service_name,
-            "Type": self.kind if self.kind != "manual" else "",
+            "Type": self.kind,
         }
 
 
@@ -309,7 +307,7 @@ class LocalState:
                     chk.set("critical", "TTL expired (last output before timeout follows): "
                                         + chk.output)  # fmt: skip
                     self._changed()
-            else:  # expired TTL or a manual check: nothing to do until an update or the reap
+            else:  # an expired TTL: nothing to do until an update or the reap
                 reap_in = chk.deregister_after - (time.monotonic() - chk.critical_since)
                 await asyncio.sleep(max(0.01, reap_in) if chk.deregister_after and
                                     chk.critical_since else 3600.0)  # fmt: skip

@@ -176,12 +176,15 @@ async def test_bad_registrations_are_refused(http: aiohttp.ClientSession) -> Non
         ({"Name": "x", "Check": {"HTTP": "http://h/"}}, "Interval"),
         ({"Name": "x", "Check": {"Args": ["true"], "Interval": "1s"}}, "--enable-script-checks"),
         ({"Name": "x", "Check": {"TTL": "soon"}}, "TTL"),
+        ({"Name": "x", "Check": {"Name": "nothing to run"}}, "Must provide TTL"),
     ]:
         status, msg = await put(http, "/v1/agent/service/register", body)
         assert status == 400 and text in msg, (body, status, msg)
     async with http.put("/v1/agent/service/register", data=b"{nope") as r:
         assert r.status == 400
-    status, msg = await put(http, "/v1/agent/check/register", {"Name": "c", "ServiceID": "ghost"})
+    status, msg = await put(
+        http, "/v1/agent/check/register", {"Name": "c", "TTL": "5s", "ServiceID": "ghost"}
+    )
     assert status == 400 and "ghost" in msg
     assert (await put(http, "/v1/agent/check/pass/nothing"))[0] == 404
     assert await put(http, "/v1/agent/check/register", {"Name": "m", "TTL": "5s"}) == (200, "")

@@ -228,8 +228,8 @@ KNOWN_BUGS: dict[str, dict[str, str]] = {
     "PUT /v1/event/fire/{name}": {_UNROUTABLE: r"^404 404 page not found$"},
     "PUT /v1/agent/service/register": {
         _SERVICE_REGISTER: r"^500 (dictionary update sequence|'\w+' object is not iterable"
-                           r"|cannot convert dictionary update sequence)"
-                           r"|^stored service does not conform",
+        r"|cannot convert dictionary update sequence)"
+        r"|^stored service does not conform",
     },
     "PUT /v1/snapshot": {_CORRUPT_SNAPSHOT: r"^500 Error -?\d+ while decompressing data"},
     "PUT /v1/session/create": {_FLOAT_OVERFLOW: r"^500 cannot convert float infinity"},
@@ -311,7 +311,8 @@ def _seed(a: AgentProc) -> dict[str, str]:
                    {"HTTP": self_url, "Interval": "30s"},
                    {"TCP": f"127.0.0.1:{a.ports.http}", "Interval": "30s"}],
     })  # fmt: skip
-    _ok(a, "PUT", "/v1/agent/check/register", {"ID": "manual", "Name": "manual check"})
+    _ok(a, "PUT", "/v1/agent/check/register", {"ID": "manual", "Name": "manual check",
+                                                  "TTL": "1h"})  # fmt: skip
     _ok(a, "PUT", "/v1/agent/check/pass/service:api-1:1?note=alive")
     _ok(a, "PUT", "/v1/event/fire/deploy?service=api", b"payload")
     wait_until(lambda: "api" in a.http("GET", "/v1/catalog/services")[1], 10,
@@ -395,9 +396,7 @@ def _stored_service_conforms(
     A non-conforming service is deregistered again so that later operations see clean state."""
     read = OPERATIONS["GET /v1/agent/service/{id}"]
 
-    def stored_service_conforms(
-        ctx: CheckContext, response: GenericResponse, case: Case
-    ) -> None:
+    def stored_service_conforms(ctx: CheckContext, response: GenericResponse, case: Case) -> None:
         body = case.body
         if response.status_code != 200 or not isinstance(body, dict):
             return
@@ -486,8 +485,12 @@ def test_operation_conforms(
                 given(case=_strategy(op, method))(call))()  # fmt: skip
     assert agent.running, "the agent exited during the fuzzing"
     if seen_bugs:
-        pytest.xfail("known agent bug(s) reproduced: " + "; ".join(
-            f"{bug} -- seen: {sorted(signatures)!r}" for bug, signatures in seen_bugs.items()))
+        pytest.xfail(
+            "known agent bug(s) reproduced: "
+            + "; ".join(
+                f"{bug} -- seen: {sorted(signatures)!r}" for bug, signatures in seen_bugs.items()
+            )
+        )
 
 
 # ----- requests the fuzzer cannot make up: seeded names, and every documented status -----
@@ -500,7 +503,6 @@ def _conforms(op_name: str, response: requests.Response) -> None:
     case.validate_response(response, checks=(status_code_conformance, content_type_conformance,
                                              response_headers_conformance,
                                              response_schema_conformance))  # fmt: skip
-
 
 
 _TXN_READS = [
