@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.raft.autopilot import Health
-from node.state import StateStore
+from node.state import StateStore, parse_duration
 from node.state import commands as cmd
 
 __all__ = [
@@ -149,10 +149,11 @@ class LeaderDuties:
 
     def renew(self, store: StateStore, session_id: str, now: float) -> bool:
         """Reset a session's timer; False when the session does not exist."""
-        ttl = dict(store.sessions.with_ttl()).get(session_id)
-        if not store.sessions.exists(session_id):
+        session = store.sessions.get(session_id)
+        if session is None:
             return False
-        if ttl is not None:
+        if session["TTL"]:
+            ttl = parse_duration(session["TTL"])
             self._session_deadlines[session_id] = now + ttl * SESSION_TTL_MULTIPLIER
         return True
 

@@ -20,6 +20,7 @@ from node.api.common import (
     check_dc,
     consensus_of,
     flag,
+    fold_key,
     json_response,
     text_error,
     write_command,
@@ -33,17 +34,13 @@ NODES, SERVICES, CHECKS = "nodes", "services", "checks"
 CHECK_STATES = ("any", "passing", "warning", "critical", "maintenance")
 
 
-def _fold(key: str) -> str:
-    return key.replace("_", "").lower()
-
-
 def canonical(obj: Any, fields: Any, where: str) -> dict[str, Any]:
     """Consul's JSON field names for an object a client sent with any case or snake_case
     (Go's decoder matches names case-insensitively); unknown fields are ignored as Go does."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where} must be an object")
-    names = {_fold(f): f for f in fields}
-    return {names[_fold(k)]: v for k, v in obj.items() if _fold(k) in names}
+    names = {fold_key(f): f for f in fields}
+    return {names[fold_key(k)]: v for k, v in obj.items() if fold_key(k) in names}
 
 
 async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:

@@ -14,6 +14,7 @@ from aiohttp import web
 from node.config import parse_duration
 from node.raft.runtime import NoLeader, WriteTimeout
 from node.raft.transport import RPCError
+from node.state import ApplyResult
 
 if TYPE_CHECKING:
     from node.agent import Agent
@@ -31,7 +32,9 @@ __all__ = [
     "consensus_of",
     "consistency_mode",
     "flag",
+    "fold_key",
     "json_response",
+    "propose",
     "set_query_meta",
     "text_error",
     "write_command",
@@ -153,11 +156,11 @@ async def blocking_read(
         await store.watch.wait(names, max(min_index, store.table_index(names)), remaining)
 
 
-async def write_command(request: web.Request, command: bytes) -> Any:
-    """Propose a command: its result's value, or the error response Consul would give (a
-    web.Response, which the caller returns as is)."""
+async def propose(request: web.Request, command: bytes) -> ApplyResult | web.Response:
+    """Replicate a command: the state machine's result, or the error response Consul gives
+    when there is none (no leader, outcome unknown)."""
     try:
-        result = await consensus_of(request).write(command, WRITE_TIMEOUT)
+        return await consensus_of(request).write(command, WRITE_TIMEOUT)
     except NoLeader:
         return text_error(500, "No cluster leader")
     except WriteTimeout as e:
@@ -165,7 +168,20 @@ async def write_command(request: web.Request, command: bytes) -> Any:
                                "it may still be applied")  # fmt: skip
     except RPCError as e:
         return text_error(500, str(e))
+
+
+async def write_command(request: web.Request, command: bytes) -> Any:
+    """Propose a command: its result's value, or the error response Consul would give (a
+    web.Response, which the caller returns as is)."""
+    result = await propose(request, command)
+    if isinstance(result, web.Response):
+        return result
     if result.ok:
         return result.value
     status = {"too_large": 413, "invalid": 400}.get(result.kind or "", 500)
     return text_error(status, result.error or "write rejected")
+
+
+def fold_key(key: str) -> str:
+    """Go's JSON decoding matches field names case-insensitively; clients also send snake_case."""
+    return key.replace("_", "").lower()

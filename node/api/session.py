@@ -20,6 +20,7 @@ from node.api.common import (
     blocking_read,
     check_dc,
     consensus_of,
+    fold_key,
     json_response,
     text_error,
 )
@@ -35,11 +36,6 @@ __all__ = ["ROUTES"]
 SESSION_TABLES = ("sessions",)
 #: Consul's FixupLockDelay: a bare number below this is seconds, otherwise nanoseconds
 LOCK_DELAY_SECONDS_BELOW = 1000
-
-
-def _fold(key: str) -> str:
-    """Go's JSON decoding matches field names case-insensitively; clients also send snake_case."""
-    return key.replace("_", "").lower()
 
 
 def _lock_delay_ns(raw: Any) -> int:
@@ -64,7 +60,7 @@ def _str_list(raw: Any, field: str) -> list[str]:
     out = []
     for item in raw:
         if isinstance(item, dict):  # ServiceChecks: [{"ID": ..., "Namespace": ...}]
-            item = next((v for k, v in item.items() if _fold(k) == "id"), None)
+            item = next((v for k, v in item.items() if fold_key(k) == "id"), None)
         if not isinstance(item, str) or not item:
             raise ValueError(f"{field} entries must be check IDs")
         out.append(item)
@@ -83,7 +79,7 @@ async def session_create(request: web.Request) -> web.StreamResponse:
             return text_error(400, f"Request decode failed: {e}")
     if not isinstance(body, dict):
         return text_error(400, "Request decode failed: expected a JSON object")
-    args = {_fold(k): v for k, v in body.items()}
+    args = {fold_key(k): v for k, v in body.items()}
     try:
         node = args.get("node") or agent_of(request).config.node
         if not isinstance(node, str):

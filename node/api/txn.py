@@ -15,18 +15,12 @@ from typing import Any
 from aiohttp import web
 
 from node.api.catalog import canonical
-from node.api.common import Handler, check_dc, consensus_of, json_response, text_error
+from node.api.common import Handler, check_dc, fold_key, json_response, propose, text_error
 from node.api.kv import entry_json
-from node.raft.runtime import NoLeader, WriteTimeout
-from node.raft.transport import RPCError
 from node.state import commands as cmd
 from node.state.commands import CHECK_SPEC, MAX_TXN_OPS, NODE_SPEC, SERVICE_SPEC
 
 __all__ = ["ROUTES", "parse_ops"]
-
-
-def _fold(key: str) -> str:
-    return key.replace("_", "").lower()
 
 
 def _kv_op(o: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +86,7 @@ def parse_ops(body: Any) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or len(item) != 1:
             raise ValueError(f"operation {i}: expected one of KV, Node, Service, Check, Session")
         ((kind, inner),) = item.items()
-        parse = _KINDS.get(_fold(kind))
+        parse = _KINDS.get(fold_key(kind))
         if parse is None or not isinstance(inner, dict):
             raise ValueError(f"operation {i}: unknown operation type {kind!r}")
         try:
@@ -121,15 +115,9 @@ async def txn(request: web.Request) -> web.StreamResponse:
     except (ValueError, cmd.CommandError) as e:
         return text_error(400, f"Failed to parse body: {e}")
     # not write_command: a rolled-back txn is an answer (409 with its errors), not a failure
-    try:
-        result = await consensus_of(request).write(command)
-    except NoLeader:
-        return text_error(500, "No cluster leader")
-    except WriteTimeout as e:
-        return text_error(500, f"timed out waiting for the write to be applied ({e}); "
-                               "it may still be applied")  # fmt: skip
-    except RPCError as e:
-        return text_error(500, str(e))
+    result = await propose(request, command)
+    if isinstance(result, web.Response):
+        return result
     if result.kind == "conflict":
         return json_response(request, result.value, status=409)
     if not result.ok:
