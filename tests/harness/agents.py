@@ -248,10 +248,13 @@ class AgentPorts:
 
 def allocate_ports(ip: str) -> AgentPorts:
     """Distinct free ports on ip (serf and dns free for both TCP and UDP)."""
-    return AgentPorts(
-        serf=free_port(ip), server=free_port(ip, udp=False), http=free_port(ip, udp=False),
-        dns=free_port(ip),
-    )  # fmt: skip
+    while True:  # each probe releases its port, so two probes can return the same one
+        ports = AgentPorts(
+            serf=free_port(ip), server=free_port(ip, udp=False), http=free_port(ip, udp=False),
+            dns=free_port(ip),
+        )  # fmt: skip
+        if len({ports.serf, ports.server, ports.http, ports.dns}) == 4:
+            return ports
 
 
 # ----- meshnode agent -----
