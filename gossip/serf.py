@@ -135,12 +135,17 @@ class _Intent:
 
 @dataclass(slots=True)
 class PendingQuery:
-    """A query we originated: responses collected until the deadline, then `on_done`."""
+    """A query we originated: responses collected until the deadline, then `on_done`.
+
+    With `expect` set, it is done as soon as that many nodes answered (serf's key manager
+    does the same: a keyring change need not wait out the timeout once everyone replied).
+    """
 
     id: int
     ltime: int
     deadline: float
     on_done: Callable[[PendingQuery], None]
+    expect: int = 0
     acks: set[str] = field(default_factory=set)
     responses: dict[str, bytes] = field(default_factory=dict)
     finished: bool = False
@@ -275,6 +280,7 @@ class Serf:
         *,
         timeout: float | None = None,
         ack: bool = False,
+        expect: int = 0,
     ) -> PendingQuery:
         timeout = timeout if timeout is not None else self.default_query_timeout()
         qid = self.rng.getrandbits(31)
@@ -295,20 +301,19 @@ class Serf:
         raw = encode_msg(SerfType.QUERY, msg)
         if len(raw) > QUERY_SIZE_LIMIT:
             raise ValueError(f"query exceeds the limit of {QUERY_SIZE_LIMIT} bytes")
-        pq = PendingQuery(qid, ltime, now + timeout, on_done)
+        pq = PendingQuery(qid, ltime, now + timeout, on_done, expect)
         self.pending_queries[ltime] = pq
-
-        def finish(t: float) -> None:
-            if self.pending_queries.get(ltime) is pq:
-                del self.pending_queries[ltime]
-            if not pq.finished:
-                pq.finished = True
-                pq.on_done(pq)
-
-        self.memberlist.schedule(pq.deadline, finish)
+        self.memberlist.schedule(pq.deadline, lambda t: self._finish_query(pq))
         self._handle_query(msg, now)
         self.query_broadcasts.queue(raw)
         return pq
+
+    def _finish_query(self, pq: PendingQuery) -> None:
+        if self.pending_queries.get(pq.ltime) is pq:
+            del self.pending_queries[pq.ltime]
+        if not pq.finished:
+            pq.finished = True
+            pq.on_done(pq)
 
     def key_query(
         self, op: str, key: bytes, now: float, on_done: Callable[[KeyResponse], None]
@@ -346,7 +351,7 @@ class Serf:
                     resp.primary_keys[pk] = resp.primary_keys.get(pk, 0) + 1
             on_done(resp)
 
-        self.query(INTERNAL_PREFIX + op, payload, now, done)
+        self.query(INTERNAL_PREFIX + op, payload, now, done, expect=num_nodes)
 
     # -- views --------------------------------------------------------------------------------
 
@@ -722,6 +727,8 @@ class Serf:
             pq.acks.add(sender)
         elif sender not in pq.responses:
             pq.responses[sender] = _raw(body, "Payload")
+            if pq.expect and len(pq.responses) >= pq.expect:
+                self._finish_query(pq)
 
     def _handle_relay(self, data: bytes) -> None:
         """Forward a relayed query response to its destination, unchanged."""

@@ -30,11 +30,8 @@ server (and removing the leader is refused anyway).
 The fuzzer makes up names, so it rarely reads what exists; ``KNOWN_REQUESTS`` adds requests
 on the seeded data and for every documented error status, each checked against the spec.
 
-Agent bugs the fuzzer reproduces are listed in ``KNOWN_BUGS`` (operation -> response
-signature). A reproduced known bug does not stop the fuzzing of that operation; at the end
-the test is marked xfail naming the bug. Anything else fails. Every known bug also has a
-strict-xfail regression test (test_known_bug_is_fixed and the two after it), which fails as
-soon as the bug is fixed, so that its xfail gets removed.
+The agent bugs the fuzzer found are fixed; each keeps a one-request regression test
+(test_known_bug_is_fixed and the ones after it) next to the fuzzing, which fails on any of them.
 
 Two adaptations to the installed libraries, both explained where they are: a shim lets
 hypothesis-jsonschema 0.23 run on this Hypothesis, and the fuzzer's copy of the spec closes
@@ -165,20 +162,7 @@ NODE = "openapi"
 
 #: generated requests per operation: (valid ones, invalid ones)
 EXAMPLES = (25, 25)
-#: every keyring operation that reaches the pool waits the whole serf query timeout (~3.2 s,
-#: _SLOW_KEYRING): a valid key (or any list) costs that much, a refused body nothing
-EXAMPLES_FOR = {
-    "GET /v1/operator/keyring": (1, 1),
-    "POST /v1/operator/keyring": (1, 15),
-    "PUT /v1/operator/keyring": (1, 15),
-    "DELETE /v1/operator/keyring": (1, 15),
-}
 METHODS = (DataGenerationMethod.positive, DataGenerationMethod.negative)
-_SLOW_KEYRING = (
-    "BUG-6: every keyring operation takes the full serf query timeout (gossip_interval x 16 x "
-    "ceil(log10(n+1)) = 3.2 s on one node): Serf.key_query reports only at the query deadline, "
-    "where serf's KeyManager returns as soon as every member answered"
-)
 
 EXCLUDED = {
     "PUT /v1/agent/leave": "shuts the agent down; see test_leave_conforms",
@@ -219,22 +203,6 @@ _NO_MIN_INTERVAL = (
     "BUG-4: check intervals are not clamped to Consul's 1 s minimum: an HTTP/TCP check with "
     "Interval 1ns/10ms probes in a tight loop (CPU and connection storm)"
 )
-#: operation -> {bug description: regex on "<status> <body>" of the response (or, for the
-#: read-back of a service registration, on "stored service does not conform: ...")}
-KNOWN_BUGS: dict[str, dict[str, str]] = {
-    "GET /v1/kv/{key}": {_UNROUTABLE: r"^404 404 page not found$"},
-    "PUT /v1/kv/{key}": {_UNROUTABLE: r"^404 404 page not found$"},
-    "DELETE /v1/kv/{key}": {_UNROUTABLE: r"^404 404 page not found$"},
-    "PUT /v1/event/fire/{name}": {_UNROUTABLE: r"^404 404 page not found$"},
-    "PUT /v1/agent/service/register": {
-        _SERVICE_REGISTER: r"^500 (dictionary update sequence|'\w+' object is not iterable"
-        r"|cannot convert dictionary update sequence)"
-        r"|^stored service does not conform",
-    },
-    "PUT /v1/snapshot": {_CORRUPT_SNAPSHOT: r"^500 Error -?\d+ while decompressing data"},
-    "PUT /v1/session/create": {_FLOAT_OVERFLOW: r"^500 cannot convert float infinity"},
-    "PUT /v1/txn": {_FLOAT_OVERFLOW: r"^500 cannot convert float infinity"},
-}
 
 
 # ----- the agent -----
@@ -363,15 +331,6 @@ def _confine(case: Case, http_port: int) -> None:
 # ----- checks -----
 
 
-def _signature(response: GenericResponse) -> str:
-    return f"{response.status_code} {response.text}"
-
-
-def _known_bug(op: str, signature: str) -> str | None:
-    return next((bug for bug, pattern in KNOWN_BUGS.get(op, {}).items()
-                 if re.search(pattern, signature, re.S)), None)  # fmt: skip
-
-
 def _server_errors() -> Callable[[CheckContext, GenericResponse, Case], None]:
     """not_a_server_error, except for the 5xx the spec documents as Consul's answer."""
 
@@ -389,7 +348,7 @@ def _server_errors() -> Callable[[CheckContext, GenericResponse, Case], None]:
 
 
 def _stored_service_conforms(
-    http: requests.Session, base: str, seen_bugs: dict[str, set[str]]
+    http: requests.Session, base: str
 ) -> Callable[[CheckContext, GenericResponse, Case], None]:
     """After a 200 from PUT /v1/agent/service/register, GET /v1/agent/service/{id} must conform
     to the spec (what the agent accepted it must be able to serve, and sync to the catalog).
@@ -410,14 +369,10 @@ def _stored_service_conforms(
         except CheckFailed as e:
             http.put(f"{base}/v1/agent/service/deregister/{quote(sid, safe='')}",
                      timeout=10)  # fmt: skip
-            signature = f"stored service does not conform: {got.status_code} {got.text}"
-            bug = _known_bug(case.operation.verbose_name, signature)
-            if bug is None:
-                raise AssertionError(
-                    f"PUT /v1/agent/service/register accepted a service that "
-                    f"GET /v1/agent/service/{sid} then serves against the spec:\n{e}"
-                ) from None
-            seen_bugs.setdefault(bug, set()).add(signature[:300])
+            raise AssertionError(
+                f"PUT /v1/agent/service/register accepted a service that "
+                f"GET /v1/agent/service/{sid} then serves against the spec:\n{e}"
+            ) from None
 
     return stored_service_conforms
 
@@ -455,7 +410,6 @@ def test_operation_conforms(
 ) -> None:
     op = OPERATIONS[name]
     base = agent.http_base
-    seen_bugs: dict[str, set[str]] = {}
     checks: list[Callable[[CheckContext, GenericResponse, Case], Any]] = [
         _server_errors(),
         status_code_conformance,
@@ -464,19 +418,14 @@ def test_operation_conforms(
         response_schema_conformance,
     ]
     if name == "PUT /v1/agent/service/register":
-        checks.append(_stored_service_conforms(http, base, seen_bugs))
+        checks.append(_stored_service_conforms(http, base))
 
     def call(case: Case) -> None:
         _confine(case, agent.ports.http)
         response = case.call(base_url=base, session=http, timeout=30)
-        signature = _signature(response)
-        bug = _known_bug(name, signature)
-        if bug is not None:  # collected, so that the rest of the operation is still fuzzed
-            seen_bugs.setdefault(bug, set()).add(signature[:120])
-            return
         case.validate_response(response, checks=tuple(checks))
 
-    for method, examples in zip(METHODS, EXAMPLES_FOR.get(name, EXAMPLES), strict=True):
+    for method, examples in zip(METHODS, EXAMPLES, strict=True):
         if method == DataGenerationMethod.negative and not (op.query or op.body):
             continue  # only a path parameter: nothing schemathesis can make invalid
         if examples:
@@ -484,13 +433,6 @@ def test_operation_conforms(
                      suppress_health_check=list(HealthCheck))(
                 given(case=_strategy(op, method))(call))()  # fmt: skip
     assert agent.running, "the agent exited during the fuzzing"
-    if seen_bugs:
-        pytest.xfail(
-            "known agent bug(s) reproduced: "
-            + "; ".join(
-                f"{bug} -- seen: {sorted(signatures)!r}" for bug, signatures in seen_bugs.items()
-            )
-        )
 
 
 # ----- requests the fuzzer cannot make up: seeded names, and every documented status -----
@@ -701,7 +643,6 @@ def test_known_bug_is_fixed(agent: AgentProc, http: requests.Session, method: st
     assert response.status_code == want, f"{response.status_code} {response.text}"
 
 
-@pytest.mark.xfail(strict=True, reason=_SLOW_KEYRING)
 def test_keyring_list_answers_once_every_member_has(
     agent: AgentProc, http: requests.Session
 ) -> None:

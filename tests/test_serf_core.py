@@ -746,6 +746,7 @@ def run_key_op(s: Serf, op: str, key: bytes, now: float) -> KeyResponse:
     for e in s.take_effects():
         if isinstance(e, SendPacket) and e.dest == me:
             s.receive_packet(e.data, me, now)
+    assert len(out) == 1, "every member answered: done without waiting for the timeout"
     s.tick(now + s.default_query_timeout())
     assert len(out) == 1
     return out[0]
@@ -767,10 +768,12 @@ def test_key_query_aggregates_responses() -> None:
 def test_key_query_survives_a_malformed_response() -> None:
     ring = Keyring([K1])
     s = make(keyring=ring)
+    add_members(s, ["evil", "odd"])
     out: list[KeyResponse] = []
     s.key_query("list-keys", b"", 1.0, out.append)
     (pq,) = s.pending_queries.values()
     for sender, fields in (("evil", {"Keys": 5, "Result": True}), ("odd", {"Result": True})):
+        assert out == [], "two of three members answered: still waiting"
         s.notify_msg(
             encode_msg(
                 SerfType.QUERY_RESPONSE,
@@ -784,6 +787,6 @@ def test_key_query_survives_a_malformed_response() -> None:
             ),
             1.5,
         )
-    s.tick(1.0 + s.default_query_timeout())
+    s.tick(1.0 + s.default_query_timeout())  # we never answered ourselves: the deadline ends it
     (r,) = out
-    assert r.num_resp == 2 and r.num_err == 1 and "evil" in r.messages
+    assert r.num_nodes == 3 and r.num_resp == 2 and r.num_err == 1 and "evil" in r.messages
