@@ -160,6 +160,7 @@ class LocalState:
         self.services: dict[str, dict[str, Any]] = {}
         self.checks: dict[str, CheckSpec] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self._waiters: set[asyncio.Future[None]] = set()
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -324,6 +325,21 @@ class LocalState:
     def _changed(self) -> None:
         self.save()
         self.on_change()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Return after the next change or `timeout`; hash-based blocking queries wait here."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(fut)
 
     def save(self) -> None:
         if self.path is None:

@@ -205,3 +205,45 @@ async def test_a_ttl_update_rearms_the_timer_exactly(http: aiohttp.ClientSession
     while (await get(http, "/v1/agent/checks"))["beat"]["Status"] == "passing":
         await asyncio.sleep(0.01)
     assert time.monotonic() - t0 < 0.3  # critical within the TTL after the last update
+
+
+async def test_service_read_blocks_on_its_content_hash(http: aiohttp.ClientSession) -> None:
+    """Consul's hash-based blocking on /v1/agent/service/<id>: ?hash= waits until the service
+    differs, check updates alone do not wake it, ?wait= bounds it."""
+    body = {"Name": "hb", "Port": 1, "Check": {"TTL": "30s"}}
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    async with http.get("/v1/agent/service/hb") as r:
+        assert r.status == 200
+        digest = r.headers["X-Consul-ContentHash"]
+    async with http.get("/v1/agent/service/hb?hash=nothing-like-it&wait=5s") as r:
+        assert r.headers["X-Consul-ContentHash"] == digest  # a different hash: answered at once
+
+    start = time.monotonic()
+    async with http.get(f"/v1/agent/service/hb?hash={digest}&wait=300ms") as r:
+        assert r.status == 200 and r.headers["X-Consul-ContentHash"] == digest
+    assert 0.3 <= time.monotonic() - start < 2.0
+
+    async def watch() -> tuple[float, dict[str, Any], str]:
+        async with http.get(f"/v1/agent/service/hb?hash={digest}&wait=10s") as r:
+            return time.monotonic(), await r.json(), r.headers["X-Consul-ContentHash"]
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.3)
+    assert await put(http, "/v1/agent/check/pass/service:hb") == (200, "")  # not the service
+    await asyncio.sleep(0.3)
+    assert not watcher.done()
+    changed_at = time.monotonic()
+    assert await put(http, "/v1/agent/service/register", body | {"Port": 2}) == (200, "")
+    woke_at, svc, new_digest = await asyncio.wait_for(watcher, 5)
+    assert svc["Port"] == 2 and new_digest != digest
+    assert woke_at - changed_at < 0.1, "a change wakes the watcher within 100 ms"
+
+    async def watch_status() -> int:
+        async with http.get(f"/v1/agent/service/hb?hash={new_digest}&wait=10s") as r:
+            return r.status
+
+    gone = asyncio.create_task(watch_status())
+    await asyncio.sleep(0.2)
+    assert not gone.done()
+    assert await put(http, "/v1/agent/service/deregister/hb") == (200, "")
+    assert await asyncio.wait_for(gone, 2) == 404  # a deregistration ends the wait

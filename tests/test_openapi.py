@@ -501,6 +501,8 @@ KNOWN_REQUESTS: list[tuple[str, str, str, Any, int]] = [
     ("PUT /v1/session/destroy/{id}", "PUT", "/v1/session/destroy/not-a-uuid", None, 400),
     ("GET /v1/agent/service/{id}", "GET", "/v1/agent/service/api-1", None, 200),
     ("GET /v1/agent/service/{id}", "GET", "/v1/agent/service/nope", None, 404),
+    ("GET /v1/agent/service/{id}", "GET", "/v1/agent/service/api-1?hash=0&wait=1s", None, 200),
+    ("GET /v1/agent/service/{id}", "GET", "/v1/agent/service/api-1?hash=0&wait=soon", None, 400),
     ("PUT /v1/agent/check/update/{id}", "PUT", "/v1/agent/check/update/manual",
      {"Status": "warning", "Output": "slow"}, 200),
     ("PUT /v1/agent/check/update/{id}", "PUT", "/v1/agent/check/update/manual",

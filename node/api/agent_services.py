@@ -3,12 +3,22 @@ shapes. Anti-entropy carries every change into the catalog."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import random
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from node.api.common import Handler, agent_of, flag, json_response, text_error
+from node.api.common import (
+    Handler,
+    agent_of,
+    blocking_params,
+    flag,
+    json_response,
+    text_error,
+)
 from node.local import LocalStateError
 
 if TYPE_CHECKING:
@@ -73,11 +83,32 @@ async def services(request: web.Request) -> web.StreamResponse:
                                    for k, v in sorted(local.services.items())})  # fmt: skip
 
 
+def _content_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 async def service(request: web.Request) -> web.StreamResponse:
-    svc = _local(request).services.get(request.match_info["id"])
-    if svc is None:
-        return text_error(404, "unknown service ID")
-    return json_response(request, _service_json(request, svc))
+    """Consul's hash-based blocking: with ?hash= the answer waits (?wait=, 5 min by default, at
+    most 10, plus up to wait/16 of jitter) until the service differs from that hash."""
+    local, sid = _local(request), request.match_info["id"]
+    params = blocking_params(request)
+    if isinstance(params, web.Response):
+        return params
+    want, wait = request.query.get("hash", ""), params[1]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait + random.uniform(0, wait / 16)
+    while True:
+        svc = local.services.get(sid)
+        if svc is None:
+            return text_error(404, f"unknown service ID: {sid}")
+        body = _service_json(request, svc)
+        digest = _content_hash(body)
+        remaining = deadline - loop.time()
+        if digest != want or remaining <= 0:
+            resp = json_response(request, body)
+            resp.headers["X-Consul-ContentHash"] = digest
+            return resp
+        await local.wait_changed(remaining)
 
 
 async def checks(request: web.Request) -> web.StreamResponse:

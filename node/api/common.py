@@ -105,7 +105,7 @@ def blocking_params(request: web.Request) -> tuple[int, float] | web.Response:
             wait = parse_duration(q["wait"])
         except ValueError:
             return text_error(400, "Invalid wait time")
-    if index and wait <= 0:
+    if (index or q.get("hash")) and wait <= 0:  # ?hash=: a hash-based blocking query
         wait = DEFAULT_QUERY_TIME
     return index, min(wait, MAX_QUERY_TIME)
 
