@@ -19,48 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
 
+from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec, field
+from node.checks.probes import probe
 from node.state import commands as cmd
-from node.state.commands import CHECK_STATUSES, SERVICE_SPEC
-from node.state.sessions import parse_duration
+from node.state.commands import SERVICE_SPEC
 
-__all__ = ["CheckSpec", "LocalState", "LocalStateError"]
+__all__ = ["LocalState", "LocalStateError"]
 
 log = structlog.get_logger("node.local")
-
-MAX_OUTPUT = 4096  # Consul keeps 4 KiB of check output
-DEFAULT_TIMEOUT = 10.0
-MIN_INTERVAL = 1.0
 
 
 class LocalStateError(ValueError):
     """A registration the agent refuses; the message names the field."""
-
-
-def _fold(key: str) -> str:
-    return key.replace("_", "").lower()
-
-
-def _get(obj: dict[str, Any], name: str, default: Any = None) -> Any:
-    """Field lookup the way Go decodes JSON: case-insensitive, snake_case accepted."""
-    want = _fold(name)
-    return next((v for k, v in obj.items() if _fold(k) == want), default)
-
-
-def _duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
-    raw = _get(obj, name)
-    if raw in (None, ""):
-        if required:
-            raise LocalStateError(f"{name} is required")
-        return 0.0
-    try:
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw) / 1e9  # Go's time.Duration in JSON: nanoseconds
-        return parse_duration(str(raw))
-    except ValueError as e:
-        raise LocalStateError(f"invalid {name}: {e}") from None
 
 
 def _mapping(raw: Any, field: str) -> dict[str, Any]:
@@ -69,84 +41,6 @@ def _mapping(raw: Any, field: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise LocalStateError(f"{field} must be an object")
     return dict(raw)
-
-
-class CheckSpec:
-    """A check definition (the agent's view: how to run it) plus its current state."""
-
-    def __init__(self, obj: dict[str, Any], *, service_id: str = "", default_id: str = "",
-                 scripts: bool = False) -> None:  # fmt: skip
-        if not isinstance(obj, dict):
-            raise LocalStateError("a check must be an object")
-        self.id = str(_get(obj, "CheckID") or _get(obj, "ID") or default_id or "")
-        self.name = str(_get(obj, "Name") or "")
-        if not self.id:
-            if not self.name:
-                raise LocalStateError("check needs a Name or an ID")
-            self.id = self.name
-        self.name = self.name or self.id
-        self.service_id = str(_get(obj, "ServiceID") or service_id)
-        self.notes = str(_get(obj, "Notes") or "")
-        self.ttl = _duration(obj, "TTL")
-        self.http = str(_get(obj, "HTTP") or "")
-        self.method = str(_get(obj, "Method") or "GET")
-        self.tcp = str(_get(obj, "TCP") or "")
-        self.args = _get(obj, "Args") or _get(obj, "ScriptArgs") or []
-        self.interval = _duration(obj, "Interval")
-        if 0 < self.interval < MIN_INTERVAL:
-            self.interval = MIN_INTERVAL  # Consul clamps to 1 s too
-        self.timeout = _duration(obj, "Timeout") or DEFAULT_TIMEOUT
-        self.deregister_after = _duration(obj, "DeregisterCriticalServiceAfter")
-        kinds = [k for k, v in (("ttl", self.ttl), ("http", self.http), ("tcp", self.tcp),
-                                ("script", self.args)) if v]  # fmt: skip
-        if len(kinds) > 1:
-            raise LocalStateError(f"check {self.id!r} has several kinds: {', '.join(kinds)}")
-        if not kinds:  # Consul's message for a check it cannot run
-            raise LocalStateError("Must provide TTL or HTTP/TCP/Args and Interval")
-        self.kind = kinds[0]
-        if self.kind in ("http", "tcp", "script") and self.interval <= 0:
-            raise LocalStateError(f"check {self.id!r}: Interval is required for {self.kind}")
-        if self.kind == "script":
-            if not scripts:
-                raise LocalStateError(
-                    "script checks are disabled: start the agent with --enable-script-checks"
-                )
-            if not isinstance(self.args, list) or not all(isinstance(a, str) for a in self.args):
-                raise LocalStateError("Args must be a list of strings")
-        if self.kind == "tcp" and ":" not in self.tcp:
-            raise LocalStateError(f"TCP must be host:port, got {self.tcp!r}")
-        status = _get(obj, "Status")
-        # Consul: TTL checks start critical; others start critical until their first run
-        self.status = str(status) if status else "critical"
-        if self.status not in CHECK_STATUSES:
-            raise LocalStateError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
-        self.output = ""
-        self.definition = {k: v for k, v in obj.items() if v is not None}
-        self.ttl_deadline = time.monotonic() + self.ttl if self.ttl else 0.0
-        self.critical_since = time.monotonic() if self.status == "critical" else 0.0
-
-    def set(self, status: str, output: str) -> None:
-        if status not in CHECK_STATUSES:
-            raise LocalStateError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
-        if status == "critical" and self.status != "critical":
-            self.critical_since = time.monotonic()
-        elif status != "critical":
-            self.critical_since = 0.0
-        self.status, self.output = status, output[:MAX_OUTPUT]
-
-    def catalog(self, node: str, service_name: str) -> dict[str, Any]:
-        """The check as the catalog stores it (CHECK_SPEC fields)."""
-        return {
-            "Node": node,
-            "CheckID": self.id,
-            "Name": self.name,
-            "Status": self.status,
-            "Notes": self.notes,
-            "Output": self.output,
-            "ServiceID": self.service_id,
-            "ServiceName": service_name,
-            "Type": self.kind,
-        }
 
 
 class LocalState:
@@ -167,25 +61,25 @@ class LocalState:
     def add_service(self, obj: Any, *, replace_checks: bool = False) -> str:
         if not isinstance(obj, dict):
             raise LocalStateError("the service must be a JSON object")
-        name = _get(obj, "Name") or _get(obj, "Service")
+        name = field(obj, "Name") or field(obj, "Service")
         if not isinstance(name, str) or not name:
             raise LocalStateError("Missing service name")
-        sid = str(_get(obj, "ID") or name)
-        port = _get(obj, "Port", 0)
+        sid = str(field(obj, "ID") or name)
+        port = field(obj, "Port", 0)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise LocalStateError(f"invalid Port {port!r}")
-        tags = _get(obj, "Tags") or []
+        tags = field(obj, "Tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise LocalStateError("Tags must be a list of strings")
         svc: dict[str, Any] = {
             "ID": sid, "Service": name, "Tags": tags, "Port": port,
-            "Address": str(_get(obj, "Address") or ""),
-            "Meta": _mapping(_get(obj, "Meta"), "Meta"),
-            "Weights": _mapping(_get(obj, "Weights"), "Weights"),
-            "EnableTagOverride": bool(_get(obj, "EnableTagOverride", False)),
-            "Kind": str(_get(obj, "Kind") or ""),
-            "Proxy": _get(obj, "Proxy"),
-            "Connect": _get(obj, "Connect"),
+            "Address": str(field(obj, "Address") or ""),
+            "Meta": _mapping(field(obj, "Meta"), "Meta"),
+            "Weights": _mapping(field(obj, "Weights"), "Weights"),
+            "EnableTagOverride": bool(field(obj, "EnableTagOverride", False)),
+            "Kind": str(field(obj, "Kind") or ""),
+            "Proxy": field(obj, "Proxy"),
+            "Connect": field(obj, "Connect"),
         }  # fmt: skip
         unknown = set(svc) - set(SERVICE_SPEC)
         assert not unknown, unknown
@@ -197,16 +91,16 @@ class LocalState:
         if not (type(passing) is int and passing >= 1 and type(warning) is int and warning >= 0):
             raise LocalStateError("Invalid Weights: Passing must be >= 1 and Warning >= 0")
         svc["Weights"] = {"Passing": passing, "Warning": warning}
-        raw_checks = _get(obj, "Checks") or []
+        raw_checks = field(obj, "Checks") or []
         if not isinstance(raw_checks, list):
             raise LocalStateError("Checks must be a list of checks")
         raw_checks = list(raw_checks)
-        if _get(obj, "Check"):
-            raw_checks.insert(0, _get(obj, "Check"))
+        if field(obj, "Check"):
+            raw_checks.insert(0, field(obj, "Check"))
         checks = []
         for i, c in enumerate(raw_checks):
             default = f"service:{sid}" if len(raw_checks) == 1 else f"service:{sid}:{i + 1}"
-            checks.append(CheckSpec(c, service_id=sid, default_id=default, scripts=self.scripts))
+            checks.append(self._check(c, service_id=sid, default_id=default))
         if replace_checks:
             for cid in [k for k, c in self.checks.items() if c.service_id == sid]:
                 self._drop_check(cid)
@@ -225,8 +119,14 @@ class LocalState:
         self._changed()
         return True
 
+    def _check(self, obj: Any, **kw: str) -> CheckSpec:
+        try:
+            return CheckSpec(obj, scripts=self.scripts, **kw)
+        except CheckError as e:
+            raise LocalStateError(str(e)) from None
+
     def add_check(self, obj: Any) -> str:
-        chk = CheckSpec(obj, scripts=self.scripts)
+        chk = self._check(obj)
         if chk.service_id and chk.service_id not in self.services:
             raise LocalStateError(f"ServiceID {chk.service_id!r} does not exist")
         self._put_check(chk)
@@ -248,7 +148,10 @@ class LocalState:
             chk.ttl_deadline = time.monotonic() + chk.ttl
             self._restart(chk)  # its timer now ends at the new deadline, to the millisecond
         if (chk.status, chk.output) != (status, output[:MAX_OUTPUT]):
-            chk.set(status, output)
+            try:
+                chk.set(status, output)
+            except CheckError as e:
+                raise LocalStateError(str(e)) from None
             self._changed()
 
     # -- runners --------------------------------------------------------------------------------
@@ -297,7 +200,7 @@ class LocalState:
         exact); once expired it only wakes to reap the service (DeregisterCriticalServiceAfter)."""
         while True:
             if chk.kind in ("http", "tcp", "script"):
-                status, output = await _probe(chk)
+                status, output = await probe(chk)
                 if (status, output) != (chk.status, chk.output):
                     chk.set(status, output)
                     self._changed()
@@ -366,45 +269,5 @@ class LocalState:
             self.services[svc["ID"]] = svc
         for c in checks:
             with contextlib.suppress(LocalStateError):
-                chk = CheckSpec(c, scripts=self.scripts)
+                chk = self._check(c)
                 self.checks[chk.id] = chk
-
-
-async def _probe(chk: CheckSpec) -> tuple[str, str]:
-    if chk.kind == "http":
-        try:
-            timeout = aiohttp.ClientTimeout(total=chk.timeout)
-            async with (aiohttp.ClientSession(timeout=timeout) as s,
-                        s.request(chk.method, chk.http) as r):  # fmt: skip
-                body = (await r.content.read(MAX_OUTPUT)).decode(errors="replace")
-                out = f"HTTP {chk.method} {chk.http}: {r.status} {r.reason} Output: {body}"
-                if 200 <= r.status < 300:
-                    return "passing", out
-                return ("warning" if r.status == 429 else "critical"), out
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
-            return "critical", f"HTTP {chk.method} {chk.http}: {e or type(e).__name__}"
-    if chk.kind == "tcp":
-        host, _, port = chk.tcp.rpartition(":")
-        try:
-            async with asyncio.timeout(chk.timeout):
-                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-            writer.close()
-            return "passing", f"TCP connect {chk.tcp}: Success"
-        except (OSError, TimeoutError, ValueError) as e:
-            return "critical", f"dial tcp {chk.tcp}: {e or type(e).__name__}"
-    try:  # script
-        proc = await asyncio.create_subprocess_exec(
-            *chk.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-        try:
-            async with asyncio.timeout(chk.timeout):
-                raw, _ = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return "critical", f"Timed out ({chk.timeout:g}s) running check"
-        text = raw.decode(errors="replace")[:MAX_OUTPUT]
-        code = proc.returncode
-        return ("passing" if code == 0 else "warning" if code == 1 else "critical"), text
-    except OSError as e:
-        return "critical", f"cannot run {chk.args[0] if chk.args else ''}: {e.strerror}"

@@ -1,0 +1,127 @@
+"""A check definition as Consul takes it (JSON/HCL field names, case-insensitive, snake_case
+accepted, Go durations or nanoseconds) and the check's current status.
+
+Consul's rules kept here: exactly one of TTL, HTTP, TCP or Args; HTTP/TCP/script checks need an
+Interval, clamped to at least 1 s; checks start critical unless given a Status; script checks
+only when the agent allows them; output is capped at 4 KiB.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from node.state.commands import CHECK_STATUSES
+from node.state.sessions import parse_duration
+
+__all__ = ["MAX_OUTPUT", "CheckError", "CheckSpec", "duration", "field"]
+
+MAX_OUTPUT = 4096  # Consul keeps 4 KiB of check output
+DEFAULT_TIMEOUT = 10.0
+MIN_INTERVAL = 1.0
+
+
+class CheckError(ValueError):
+    """A check definition that cannot run; the message names the field."""
+
+
+def _fold(key: str) -> str:
+    return key.replace("_", "").lower()
+
+
+def field(obj: dict[str, Any], name: str, default: Any = None) -> Any:
+    """Field lookup the way Go decodes JSON: case-insensitive, snake_case accepted."""
+    want = _fold(name)
+    return next((v for k, v in obj.items() if _fold(k) == want), default)
+
+
+def duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
+    raw = field(obj, name)
+    if raw in (None, ""):
+        if required:
+            raise CheckError(f"{name} is required")
+        return 0.0
+    try:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw) / 1e9  # Go's time.Duration in JSON: nanoseconds
+        return parse_duration(str(raw))
+    except ValueError as e:
+        raise CheckError(f"invalid {name}: {e}") from None
+
+
+class CheckSpec:
+    """A check definition (the agent's view: how to run it) plus its current state."""
+
+    def __init__(self, obj: dict[str, Any], *, service_id: str = "", default_id: str = "",
+                 scripts: bool = False) -> None:  # fmt: skip
+        if not isinstance(obj, dict):
+            raise CheckError("a check must be an object")
+        self.id = str(field(obj, "CheckID") or field(obj, "ID") or default_id or "")
+        self.name = str(field(obj, "Name") or "")
+        if not self.id:
+            if not self.name:
+                raise CheckError("check needs a Name or an ID")
+            self.id = self.name
+        self.name = self.name or self.id
+        self.service_id = str(field(obj, "ServiceID") or service_id)
+        self.notes = str(field(obj, "Notes") or "")
+        self.ttl = duration(obj, "TTL")
+        self.http = str(field(obj, "HTTP") or "")
+        self.method = str(field(obj, "Method") or "GET")
+        self.tcp = str(field(obj, "TCP") or "")
+        self.args = field(obj, "Args") or field(obj, "ScriptArgs") or []
+        self.interval = duration(obj, "Interval")
+        if 0 < self.interval < MIN_INTERVAL:
+            self.interval = MIN_INTERVAL  # Consul clamps to 1 s too
+        self.timeout = duration(obj, "Timeout") or DEFAULT_TIMEOUT
+        self.deregister_after = duration(obj, "DeregisterCriticalServiceAfter")
+        kinds = [k for k, v in (("ttl", self.ttl), ("http", self.http), ("tcp", self.tcp),
+                                ("script", self.args)) if v]  # fmt: skip
+        if len(kinds) > 1:
+            raise CheckError(f"check {self.id!r} has several kinds: {', '.join(kinds)}")
+        if not kinds:  # Consul's message for a check it cannot run
+            raise CheckError("Must provide TTL or HTTP/TCP/Args and Interval")
+        self.kind = kinds[0]
+        if self.kind in ("http", "tcp", "script") and self.interval <= 0:
+            raise CheckError(f"check {self.id!r}: Interval is required for {self.kind}")
+        if self.kind == "script":
+            if not scripts:
+                raise CheckError(
+                    "script checks are disabled: start the agent with --enable-script-checks"
+                )
+            if not isinstance(self.args, list) or not all(isinstance(a, str) for a in self.args):
+                raise CheckError("Args must be a list of strings")
+        if self.kind == "tcp" and ":" not in self.tcp:
+            raise CheckError(f"TCP must be host:port, got {self.tcp!r}")
+        status = field(obj, "Status")
+        # Consul: TTL checks start critical; others start critical until their first run
+        self.status = str(status) if status else "critical"
+        if self.status not in CHECK_STATUSES:
+            raise CheckError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
+        self.output = ""
+        self.definition = {k: v for k, v in obj.items() if v is not None}
+        self.ttl_deadline = time.monotonic() + self.ttl if self.ttl else 0.0
+        self.critical_since = time.monotonic() if self.status == "critical" else 0.0
+
+    def set(self, status: str, output: str) -> None:
+        if status not in CHECK_STATUSES:
+            raise CheckError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
+        if status == "critical" and self.status != "critical":
+            self.critical_since = time.monotonic()
+        elif status != "critical":
+            self.critical_since = 0.0
+        self.status, self.output = status, output[:MAX_OUTPUT]
+
+    def catalog(self, node: str, service_name: str) -> dict[str, Any]:
+        """The check as the catalog stores it (CHECK_SPEC fields)."""
+        return {
+            "Node": node,
+            "CheckID": self.id,
+            "Name": self.name,
+            "Status": self.status,
+            "Notes": self.notes,
+            "Output": self.output,
+            "ServiceID": self.service_id,
+            "ServiceName": service_name,
+            "Type": self.kind,
+        }
