@@ -298,9 +298,11 @@ async def test_members_shape(agent: Agent, world: FakeWorld, http: aiohttp.Clien
     assert tags["id"] == agent.node_id and uuid.UUID(tags["id"])
     assert (tags["port"], tags["http_port"], tags["dns_port"]) == ("8300", "0", "8600")
     assert tags["build"]
-    # ?wan and ?segment are accepted (and ignored).
-    async with http.get("/v1/agent/members?wan=1&segment=") as r:
+    async with http.get("/v1/agent/members?segment=") as r:  # accepted and ignored
         assert r.status == 200 and len(await r.json()) == 2
+    # ?wan lists the servers (Raft voters) as <node>.<dc>: this agent runs no Raft, so none
+    async with http.get("/v1/agent/members?wan=1") as r:
+        assert r.status == 200 and await r.json() == []
 
 
 async def test_self_shape(agent: Agent, http: aiohttp.ClientSession) -> None:

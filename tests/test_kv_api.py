@@ -223,7 +223,10 @@ async def test_status_and_raft_configuration(agent: Agent, http: aiohttp.ClientS
     (srv,) = body["Servers"]
     assert srv["ID"] == agent.node_id and srv["Node"] == "node1" and srv["Address"] == addr
     assert srv["Leader"] is True and srv["Voter"] is True and srv["ProtocolVersion"] == "3"
-    assert isinstance(body["Index"], int) and "X-Consul-Index" in headers
+    assert body["Index"] == 0 and int(headers["X-Consul-Index"]) >= 1  # Consul's body Index is 0
+    for path in ("/v1/status/leader", "/v1/status/peers"):
+        async with http.get(f"{path}?dc=dc9") as r:
+            assert r.status == 500 and "No path to datacenter" in await r.text()
     async with http.post("/v1/operator/raft/transfer-leader") as r:
         assert r.status == 500 and "no other voter" in await r.text()
     async with http.delete("/v1/operator/raft/peer?id=nobody") as r:

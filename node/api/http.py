@@ -25,6 +25,7 @@ from node.api.common import (
     agent_of,
     blocking_params,
     check_dc,
+    flag,
     json_response,
     text_error,
 )
@@ -59,9 +60,18 @@ def member_json(m: Member) -> dict[str, Any]:
 
 
 async def agent_members(request: web.Request) -> web.StreamResponse:
-    # ?wan and ?segment are accepted and ignored: there is only the LAN pool for now.
-    members = sorted(agent_of(request).runtime.members(), key=lambda m: m.name)
-    return json_response(request, [member_json(m) for m in members])
+    """With ?wan, Consul lists its WAN pool: the servers, named `<node>.<dc>`. Without WAN
+    federation, that is this datacenter's current Raft voters."""
+    agent = agent_of(request)
+    members = sorted(agent.runtime.members(), key=lambda m: m.name)
+    if not flag(request, "wan"):
+        return json_response(request, [member_json(m) for m in members])
+    voters = set()
+    if agent.consensus is not None and agent.consensus.raft is not None:
+        voters = {s.node for s in agent.consensus.configuration().servers.values() if s.voter}
+    dc = agent.config.datacenter
+    return json_response(request, [member_json(m) | {"Name": f"{m.name}.{dc}"}
+                                   for m in members if m.name in voters])  # fmt: skip
 
 
 async def agent_self(request: web.Request) -> web.StreamResponse:

@@ -36,10 +36,14 @@ MAX_SNAPSHOT_SIZE = 256 * 1024 * 1024
 
 
 async def status_leader(request: web.Request) -> web.StreamResponse:
+    if (err := check_dc(request)) is not None:
+        return err
     return json_response(request, consensus_of(request).leader_address())
 
 
 async def status_peers(request: web.Request) -> web.StreamResponse:
+    if (err := check_dc(request)) is not None:
+        return err
     config = consensus_of(request).configuration()
     return json_response(request, sorted(s.address for s in config.servers.values() if s.voter))
 
@@ -77,9 +81,10 @@ async def raft_configuration(request: web.Request) -> web.StreamResponse:
         }
         for s in sorted(config.servers.values(), key=lambda s: s.node)
     ]
-    index = consensus.configuration_index()
-    resp = json_response(request, {"Servers": servers, "Index": index})
-    set_query_meta(resp, consensus, index)
+    # Consul's body Index is always 0 (hashicorp/raft's GetConfiguration never sets it, and
+    # py-consul's suite asserts it); the header carries the configuration's log index.
+    resp = json_response(request, {"Servers": servers, "Index": 0})
+    set_query_meta(resp, consensus, consensus.configuration_index())
     return resp
 
 
