@@ -43,9 +43,7 @@ this script dies (PR_SET_PDEATHSIG); the temp dir is removed.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import json
 import os
 import re
 import resource
@@ -53,7 +51,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,14 +61,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.raft_vs_etcd import (  # noqa: E402
-    Procs,
-    loadavg,
+from bench.runner import (  # noqa: E402
+    CLK_TCK,
+    PROCS,
+    apt_install,
+    begin,
+    by_system,
+    finish,
+    finish_profile,
+    log,
+    print_notes,
     proc_rss_mb,
     proc_ticks,
-    summarize_profile,
+    run_reps,
+    start_profile,
 )
-from bench.stats import fmt3, med  # noqa: E402
+from bench.stats import goal, med, print_table  # noqa: E402
 from tests.harness.agents import AgentProc, free_port, wait_until  # noqa: E402
 
 DNSPERF = "/usr/bin/dnsperf"
@@ -87,21 +92,9 @@ CLIENTS = 10  # dnsperf -c
 THREADS = 1  # dnsperf -T
 OUTSTANDING = 100  # dnsperf -q
 WARMUP_S = 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOAL_QPS = 0.5
 #: measured on this machine before this script existed (the brief's reference figures)
 REFERENCE_QPS = {"dnsmasq": 79_000.0}
-
-PROCS = Procs()
-atexit.register(PROCS.kill_all)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class BudgetExceeded(Exception):
-    """--budget ran out; the figures measured so far are still printed."""
 
 
 def instance(i: int) -> tuple[str, str, int]:
@@ -126,7 +119,7 @@ class Server:
     def pid(self) -> int | None:
         return None
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tails(self, lines: int = 30) -> str:
         return ""
 
 
@@ -167,7 +160,7 @@ class Dnsmasq(Server):
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None and self.popen.poll() is None else None
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tails(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
@@ -202,7 +195,7 @@ class Meshnode(Server):
     def pid(self) -> int | None:
         return self.agent.pid if self.agent.running else None
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tails(self, lines: int = 30) -> str:
         return self.agent.log_tail(lines)
 
 
@@ -411,23 +404,16 @@ def run_rep(server: Server, res: Rep, args: argparse.Namespace, qfile: Path, d: 
 
 def profile(server: Server, res: Rep, args: argparse.Namespace, qfile: Path, d: Path) -> None:
     """An extra, uncounted run with py-spy on the agent (it pauses it 100 times a second)."""
-    spy = Path(sys.executable).parent / "py-spy"
     pid = server.pid()
-    if not spy.exists() or pid is None:
-        log("  --profile: no py-spy next to this interpreter; skipped")
-        return
-    args.profile.mkdir(parents=True, exist_ok=True)
     out = args.profile / "meshnode-dns.collapsed"
-    argv = [str(spy), "record", "-p", str(pid), "-d", str(max(1, round(args.duration))),
-            "-r", "100", "-f", "raw", "--threads", "-o", str(out)]  # fmt: skip
-    log(f"  profiling: {' '.join(argv)}")
-    with (args.profile / "py-spy.log").open("ab") as f:
-        spy_p = PROCS.start(argv, f)
-        try:
-            r = run_dnsperf(server, qfile, args.duration, d / "profiled.out", verbose=False)
-            spy_p.wait(timeout=30)
-        finally:
-            PROCS.kill(spy_p, signal.SIGINT)
+    what = f"{server.ip}:{server.port}"
+    prof = None if pid is None else start_profile(pid, out, args.duration, what)
+    if prof is None:
+        return
+    # should this fail or be aborted, py-spy stops with the agent or in run_reps' PROCS.kill_all()
+    r = run_dnsperf(server, qfile, args.duration, d / "profiled.out", verbose=False)
+    if note := finish_profile(prof):
+        res.notes.append(note)
     res.notes.append(
         f"profiled extra run (not in the table): {r.qps or 0:,.0f} q/s; collapsed stacks in {out}"
     )
@@ -472,28 +458,16 @@ def report(results: list[Rep], systems: Sequence[str], args: argparse.Namespace)
         f"`{QNAME} SRV` ({INSTANCES} SRV + {INSTANCES} A); dnsperf -e -l {args.duration:g} "
         f"-c {CLIENTS} -T {THREADS} -q {OUTSTANDING} -v; median [min..max] over reps"
     )
-    vals = {s: values([r for r in results if r.system == s]) for s in systems}
-    nreps = {s: sum(1 for r in results if r.system == s) for s in systems}
+    vals, nreps = by_system(results, systems, values)
     both = len(systems) == 2
-    w = 30
-    head = f"{'metric':<34} | " + " | ".join(f"{s + f' ({nreps[s]} reps)':<{w}}" for s in systems)
-    head += " | mesh/dnsmasq" if both else ""
-    print(head)
-    print("-" * len(head))
-    for key, label, nd in METRICS:
-        row = f"{label:<34} | " + " | ".join(f"{fmt3(vals[s][key], nd):<{w}}" for s in systems)
-        if both:
-            a, b = med(vals["meshnode"][key]), med(vals["dnsmasq"][key])
-            row += " | " + (f"{a / b:8.2f}x" if a is not None and b else "")
-        print(row)
-    for r in results:
-        for n in ([r.error] if r.error else []) + r.notes:
-            print(f"  note: {r.system} rep{r.rep}: {n}")
+    print_table(
+        METRICS, vals, nreps, label_width=34, width=30,
+        ratio=("meshnode", "dnsmasq", "mesh/dnsmasq") if both else None, ratio_na="",
+    )  # fmt: skip
+    print_notes(results)
     if both:
+        verdict, shown = goal(vals["meshnode"]["qps"], vals["dnsmasq"]["qps"], GOAL_QPS)
         a, b = med(vals["meshnode"]["qps"]), med(vals["dnsmasq"]["qps"])
-        q = a / b if a is not None and b else None
-        verdict = "n/a " if q is None else ("PASS" if q >= GOAL_QPS else "MISS")
-        shown = "n/a" if q is None else f"{q:.2f}x"
         print(f"goal: {verdict}  meshnode queries/s >= {GOAL_QPS:.0%} of dnsmasq: measured "
               f"{shown} ({fmt(a, 0)} vs {fmt(b, 0)} q/s; reference on this machine: dnsmasq "
               f"~{REFERENCE_QPS['dnsmasq']:,.0f} q/s)")  # fmt: skip
@@ -525,18 +499,8 @@ def ensure_tools() -> None:
     need = sorted({pkg for path, pkg in TOOLS.items() if not os.access(path, os.X_OK)})
     if not need:
         return
-    if os.geteuid() != 0:
-        raise SystemExit(f"missing {need}: run as root or apt-get install -y {' '.join(need)}")
     before = dnsmasq_pids()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", *need]
-    log(f"installing {' '.join(need)}: {' '.join(cmd)}")
-    # apt-get's chatter goes to stderr with the other progress; stdout keeps only the table
-    if subprocess.run(cmd, env=env, stdout=sys.stderr).returncode != 0:
-        log("apt-get install failed; running apt-get update and trying once more")
-        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=sys.stderr, check=True)
-        subprocess.run(cmd, env=env, stdout=sys.stderr, check=True)
-    print(f"# installed with apt-get: {' '.join(need)}")
+    apt_install(need)
     for pid in sorted(dnsmasq_pids() - before):  # started by the package: not ours to keep
         log(f"a dnsmasq (pid {pid}) appeared during the install; killing it")
         with contextlib.suppress(ProcessLookupError):
@@ -581,75 +545,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     systems = [args.only] if args.only else list(SYSTEMS)
     ensure_tools()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if signum == signal.SIGALRM:
-            raise BudgetExceeded(f"--budget {args.budget:g}s")
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm(max(1, int(args.budget)))
-    workdir = Path(tempfile.mkdtemp(prefix="dns-vs-dnsmasq-", dir="/tmp"))
-    atexit.register(shutil.rmtree, workdir, True)
+    workdir = begin(args.budget, "dns-vs-dnsmasq-")
     qfile = workdir / "queries.txt"
     qfile.write_text(f"{QNAME} SRV\n")
     t_start = time.monotonic()
-    results: list[Rep] = []
-    aborted = ""
     classes: dict[str, type[Dnsmasq | Meshnode]] = {"dnsmasq": Dnsmasq, "meshnode": Meshnode}
-    try:
-        for rep in range(args.reps):
-            order = systems if rep % 2 == 0 else list(reversed(systems))
-            for name in order:
-                d = workdir / f"{name}-rep{rep}"
-                d.mkdir()
-                server = classes[name](d)
-                res = Rep(name, rep, loadavg=loadavg())
-                results.append(res)
-                log(f"[{time.monotonic() - t_start:6.1f}s] {name} rep {rep} (load {res.loadavg})")
-                try:
-                    run_rep(server, res, args, qfile, d)
-                except (KeyboardInterrupt, BudgetExceeded):
-                    res.error = "aborted during this rep"
-                    raise
-                except Exception as e:
-                    res.error = f"{type(e).__name__}: {e}"
-                    log(f"  {name} rep {rep} FAILED: {res.error}\n{server.log_tail()}")
-                finally:
-                    server.stop()
-                time.sleep(1.0)
-    except (KeyboardInterrupt, BudgetExceeded) as e:
-        aborted = f"{type(e).__name__} {e}"
-        log(f"aborted ({aborted}); cleaning up; partial results follow")
-    finally:
-        signal.alarm(0)
-        PROCS.kill_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    results, aborted = run_reps(
+        systems, args.reps, workdir, t_start,
+        make=lambda name, d: classes[name](d), record=Rep,
+        measure=lambda server, res, d: run_rep(server, res, args, qfile, d), pause=1.0,
+    )  # fmt: skip
+    shutil.rmtree(workdir, ignore_errors=True)
     report(results, systems, args)
     vers = versions()
     print(f"# {time.monotonic() - t_start:.0f}s total; " + "; ".join(
         f"{k} {v}" for k, v in vers.items()))  # fmt: skip
-    if args.profile is not None:
-        for prof in sorted(args.profile.glob("*.collapsed")):
-            print(f"# profile {prof}:\n{summarize_profile(prof)}")
-    if args.json is not None:
-        doc = {
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "versions": vers,
-            "dnsperf": f"dnsperf -s IP -p PORT -d queries.txt -e -l {args.duration:g} -c {CLIENTS} "
-            f"-T {THREADS} -q {OUTSTANDING} -v",
-            "medians": {s: {k: med(v) for k, v in values(
-                [r for r in results if r.system == s]).items()} for s in systems},
-            "reps": [asdict(r) for r in results],
-            "aborted": aborted,
-        }  # fmt: skip
-        args.json.write_text(json.dumps(doc, indent=2))
-        print(f"# figures written to {args.json}")
-    if aborted:
-        print(f"# ABORTED ({aborted}) before all reps ran")
-        return 3
-    return 0
+    dnsperf = (
+        f"dnsperf -s IP -p PORT -d queries.txt -e -l {args.duration:g} -c {CLIENTS} "
+        f"-T {THREADS} -q {OUTSTANDING} -v"
+    )
+    fields = {"versions": vers, "dnsperf": dnsperf}
+    return finish(args, workdir, results, aborted, systems, values, fields, "*.collapsed")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -55,6 +54,7 @@ if str(REPO_ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import msgpack  # noqa: E402
 
+from bench.runner import die_with_parent, log  # noqa: E402
 from bench.stats import fmt3, med  # noqa: E402
 from tests.harness.agents import (  # noqa: E402
     STATUS_ALIVE,
@@ -79,24 +79,7 @@ GOAL_CPU_RATIO = 2.0
 GOAL_RSS_MB = 60.0
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ----- process bookkeeping -----------------------------------------------------------------
-
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel SIGKILLs the agent if this script dies without cleaning up."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass
@@ -336,7 +319,7 @@ class SerfSystem(System):
         logf = log_path.open("wb")
         popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-            cwd=str(self.workdir), preexec_fn=_die_with_parent,
+            cwd=str(self.workdir), preexec_fn=die_with_parent,
         )  # fmt: skip
         return REG.add(Agent(name, ip, f"{ip}:{port}", popen, log_path, logf, rpc_port=rpc_port))
 

@@ -30,27 +30,22 @@ whether something else was competing for the 2 cores. Goal (PASS/MISS; exit stat
 way): meshnode ?stale reads/s on a follower >= 0.5 x etcd serializable reads/s on a follower.
 
 Every process is killed by PID at the end, on error, on Ctrl-C/SIGTERM/--budget, and by the
-kernel if this script dies (raft_vs_etcd's Procs and LocalCluster); the work dir is removed.
+kernel if this script dies (bench/runner.py's Procs, LocalCluster); the work dir is removed.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import contextlib
 import json
 import os
-import re
 import resource
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,33 +54,39 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.raft_vs_etcd import (  # noqa: E402
-    CLK_TCK,
     LUA_DIR,
-    PROCS,
     READ_KEY,
     SYSTEMS,
     VALUE,
     WRK,
     WRK_TIMEOUT,
-    BudgetExceeded,
     Etcd,
     Meshnode,
-    Profile,
     Rep,
     Run,
     System,
     b64,
     ensure_tools,
-    finish_profile,
     fmt,
     http_json,
+    note_run,
+    read_wrk,
+)
+from bench.runner import (  # noqa: E402
+    CLK_TCK,
+    begin,
+    by_system,
+    finish,
+    finish_profile,
     loadavg,
     log,
+    print_notes,
     proc_rss_mb,
     proc_ticks,
-    summarize_profile,
+    run_reps,
+    start_profile,
 )
-from bench.stats import fmt3, med  # noqa: E402
+from bench.stats import goal, print_table  # noqa: E402
 
 #: etcd 3.4 anchor on this machine (/work/shared/reference/anchors.md section 1, invocation 3;
 #: load on the leader, 64 connections): serializable and linearizable range reads/s, p50/p99
@@ -215,17 +216,9 @@ def run_read(
     r.member_cores = member / CLK_TCK / dt
     r.wrk_cores = wrk_s / dt
     r.other_cores = max(0.0, (busy_ticks() - b0 - cluster) / CLK_TCK / dt - r.wrk_cores)
-    m = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
-    if m is None:
-        r.error = f"wrk rc={out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}"
+    js = read_wrk(r, out)
+    if js is None:
         return r
-    js = json.loads(m.group(1))
-    lat = js["latency_us"]
-    r.requests = int(js["requests"])
-    r.rps = r.requests / (js["duration_us"] / 1e6)
-    r.p50_ms, r.p99_ms = lat["p50"] / 1000, lat["p99"] / 1000
-    r.mean_ms, r.max_ms = lat["mean"] / 1000, lat["max"] / 1000
-    r.errors = {k: int(v) for k, v in js["errors"].items() if v}
     if r.requests:
         r.cpu_us_per_req = cluster / CLK_TCK * 1e6 / r.requests
         r.member_cpu_us_per_req = member / CLK_TCK * 1e6 / r.requests
@@ -248,13 +241,7 @@ def run_rep(system: System, res: Rep, args: argparse.Namespace, workdir: Path) -
         lua = read_lua(workdir, system.name, local)
         r = run_read(system, key, lua, args.conns, args.threads, args.duration)
         res.runs[key] = r
-        if r.leader_after and r.leader_after != r.leader_before:
-            res.notes.append(f"{key}: leader changed during the run "
-                             f"({r.leader_before} -> {r.leader_after})")  # fmt: skip
-        if r.errors:
-            res.notes.append(f"{key}: wrk errors {r.errors} (of {r.requests} requests)")
-        if r.error:
-            res.notes.append(f"{key}: {r.error}")
+        note_run(res, key, r, f"{r.errors} (of {r.requests} requests)")
         if r.other_cores is not None and r.other_cores >= DISTURBED_CORES:
             res.notes.append(
                 f"{key}: disturbed: other processes used {r.other_cores:.2f} cores of "
@@ -273,28 +260,17 @@ def run_rep(system: System, res: Rep, args: argparse.Namespace, workdir: Path) -
 def profile_stale(system: Meshnode, res: Rep, args: argparse.Namespace, workdir: Path) -> None:
     """An extra ?stale run on the follower under py-spy (not in the table: py-spy pauses the
     agent 100 times a second)."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        log("  --profile: no py-spy in the venv (.venv/bin/pip install py-spy); skipped")
-        return
     li, _ = system.leader()
     fi = next(i for i in range(3) if i != li)
     pid = system.pid(fi)
-    if pid is None:
+    out = args.profile / "meshnode-follower-stale.collapsed"
+    prof = None if pid is None else start_profile(pid, out, args.duration, system.url(fi))
+    if prof is None:
         return
-    d: Path = args.profile
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / "meshnode-follower-stale.collapsed"
-    with contextlib.suppress(FileNotFoundError):
-        out.unlink()
-    f = (d / "py-spy.log").open("ab")
-    argv = [str(spy), "record", "-p", str(pid), "-d", str(max(1, round(args.duration))),
-            "-r", "100", "-f", "raw", "--threads", "-o", str(out)]  # fmt: skip
-    log(f"  profiling {system.url(fi)} (pid {pid}): {' '.join(argv)}")
-    prof = Profile(PROCS.start(argv, f), out, f)
     lua = read_lua(workdir, "meshnode", True)
     r = run_read(system, "local_f", lua, args.conns, args.threads, args.duration)
-    finish_profile(prof, res)
+    if note := finish_profile(prof):
+        res.notes.append(note)
     res.notes.append(f"profiled extra ?stale follower run (not in the table): {fmt(r.rps, 0)} "
                      f"req/s, p99 {fmt(r.p99_ms, 1)} ms; collapsed stacks in {out}")  # fmt: skip
 
@@ -344,38 +320,24 @@ def report(results: list[Rep], systems: Sequence[str], args: argparse.Namespace)
         f"# kv_read {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {os.cpu_count()} CPUs; wrk "
         f"-t{args.threads} -c{args.conns} {args.duration:g}s per run; median [min..max] over reps"
     )
-    vals = {s: values([r for r in results if r.system == s]) for s in systems}
-    nreps = {s: sum(1 for r in results if r.system == s) for s in systems}
+    vals, nreps = by_system(results, systems, values)
     both = "meshnode" in systems and "etcd" in systems
-    w = 30
-    lw = 62
-    head = f"{'metric (meshnode | etcd)':<{lw}} | "
-    head += " | ".join(f"{s + f' ({nreps[s]} reps)':<{w}}" for s in systems)
-    head += (" | mesh/etcd" if both else "") + " | etcd anchor"
-    print(head)
-    print("-" * len(head))
     rows = [(f"{k}_{f}", f"{RUN_NAMES[k]}: {lab}", nd) for k in RUNS for f, lab, nd in FIELDS]
     rows += [("rss", "RSS per member after load, MB (max)", 1),
              ("start_s", "cluster start -> leader + first write s", 1)]  # fmt: skip
-    for key, label, nd in rows:
-        row = f"{label:<{lw}} | " + " | ".join(f"{fmt3(vals[s][key], nd):<{w}}" for s in systems)
-        if both:
-            a, b = med(vals["meshnode"][key]), med(vals["etcd"][key])
-            row += " | " + (f"{a / b:8.2f}x" if a is not None and b else "      n/a")
-        anc = ANCHOR.get(key)
-        row += " | " + (f"{anc:g}" if anc is not None else "")
-        print(row)
+    print_table(
+        rows, vals, nreps, label_width=62, width=30, title="metric (meshnode | etcd)",
+        ratio=("meshnode", "etcd", "mesh/etcd") if both else None,
+        anchor=("etcd anchor", ANCHOR),
+    )  # fmt: skip
     for r in results:
         loads = ", ".join(f"{k} {x.loadavg}" for k, x in r.runs.items() if isinstance(x, ReadRun))
         print(f"  load average ({r.system} rep{r.rep}): at start {r.loadavg}; runs: {loads}")
-    for r in results:
-        for n in ([r.error] if r.error else []) + r.notes:
-            print(f"  note: {r.system} rep{r.rep}: {n}")
+    print_notes(results)
     if both:
-        a, b = med(vals["meshnode"]["local_f_rps"]), med(vals["etcd"]["local_f_rps"])
-        q = a / b if a is not None and b else None
-        verdict = "n/a " if q is None else ("PASS" if q >= GOAL_STALE else "MISS")
-        shown = "n/a" if q is None else f"{q:.2f}x"
+        verdict, shown = goal(
+            vals["meshnode"]["local_f_rps"], vals["etcd"]["local_f_rps"], GOAL_STALE
+        )
         print("goal:")
         print(f"  {verdict}  meshnode ?stale reads/s on a follower >= {GOAL_STALE:g}x etcd "
               f"serializable reads/s on a follower: measured {shown}")  # fmt: skip
@@ -409,49 +371,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     systems = [args.only] if args.only else list(SYSTEMS)
     ensure_tools(systems)
-
-    def on_signal(signum: int, frame: object) -> None:
-        if signum == signal.SIGALRM:
-            raise BudgetExceeded(f"--budget {args.budget:g}s")
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm(max(1, int(args.budget)))
-    workdir = Path(tempfile.mkdtemp(prefix="kv-read-", dir="/tmp"))
-    if not args.keep:
-        atexit.register(shutil.rmtree, workdir, True)
+    workdir = begin(args.budget, "kv-read-", keep=args.keep)
     t_start = time.monotonic()
-    results: list[Rep] = []
-    aborted = ""
     classes: dict[str, type[System]] = {"etcd": Etcd, "meshnode": Meshnode}
     log(f"work dir {workdir}; load {loadavg()}")
-    try:
-        for rep in range(args.reps):
-            order = systems if rep % 2 == 0 else list(reversed(systems))
-            for name in order:
-                d = workdir / f"{name}-rep{rep}"
-                d.mkdir()
-                system = classes[name](d, args.log_level)
-                res = Rep(name, rep, loadavg=loadavg())
-                results.append(res)
-                log(f"[{time.monotonic() - t_start:6.1f}s] {name} rep {rep} (load {res.loadavg})")
-                try:
-                    run_rep(system, res, args, d)
-                except (KeyboardInterrupt, BudgetExceeded):
-                    res.error = "aborted during this rep"
-                    raise
-                except Exception as e:
-                    res.error = f"{type(e).__name__}: {e}"
-                    log(f"  {name} rep {rep} FAILED: {res.error}\n{system.log_tails()}")
-                finally:
-                    system.stop()
-    except (KeyboardInterrupt, BudgetExceeded) as e:
-        aborted = f"{type(e).__name__} {e}"
-        log(f"aborted ({aborted}); cleaning up; partial results follow")
-    finally:
-        signal.alarm(0)
-        PROCS.kill_all()
+    results, aborted = run_reps(
+        systems, args.reps, workdir, t_start,
+        make=lambda name, d: classes[name](d, args.log_level), record=Rep,
+        measure=lambda system, res, d: run_rep(system, res, args, d),
+    )  # fmt: skip
     report(results, systems, args)
     wrk_v = subprocess.run([WRK, "--version"], capture_output=True, text=True).stdout
     vers = {"wrk": wrk_v.split("[")[0].strip(), **{n: classes[n].versions() for n in systems}}
@@ -459,27 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# {time.monotonic() - t_start:.0f}s total; load at end {loadavg()}; wrk --timeout "
         f"{WRK_TIMEOUT}; " + "; ".join(f"{k}: {v.strip()}" for k, v in vers.items())
     )
-    if args.profile is not None:
-        for prof in sorted(args.profile.glob("meshnode-follower-stale.collapsed")):
-            print(f"# profile {prof}:\n{summarize_profile(prof)}")
-    if args.keep:
-        print(f"# work dir kept: {workdir}")
-    if args.json is not None:
-        doc = {
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "versions": vers,
-            "anchor_etcd": ANCHOR,
-            "medians": {s: {k: med(v) for k, v in values(
-                [r for r in results if r.system == s]).items()} for s in systems},
-            "reps": [asdict(r) for r in results],
-            "aborted": aborted,
-        }  # fmt: skip
-        args.json.write_text(json.dumps(doc, indent=2))
-        print(f"# figures written to {args.json}")
-    if aborted:
-        print(f"# ABORTED ({aborted}) before all reps ran")
-        return 3
-    return 0
+    fields = {"versions": vers, "anchor_etcd": ANCHOR}
+    return finish(
+        args, workdir, results, aborted, systems, values, fields,
+        "meshnode-follower-stale.collapsed", keep=args.keep,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -44,24 +44,20 @@ from __future__ import annotations
 
 import abc
 import argparse
-import atexit
 import base64
 import contextlib
-import ctypes
 import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -69,7 +65,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.stats import fmt3, med  # noqa: E402
+from bench.runner import (  # noqa: E402
+    CLK_TCK,
+    PROCS,
+    apt_install,
+    begin,
+    by_system,
+    finish,
+    finish_profile,
+    loadavg,
+    log,
+    print_notes,
+    proc_rss_mb,
+    proc_ticks,
+    run_reps,
+    start_profile,
+)
+from bench.stats import goal, print_table  # noqa: E402
 from tests.harness.agents import AgentProc, LocalCluster, free_port  # noqa: E402
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
@@ -82,7 +94,6 @@ VALUE_SIZE = 256
 VALUE = b"v" * VALUE_SIZE
 READ_KEY = "bench/read"
 WRK_TIMEOUT = "10s"  # wrk drops slower responses from its histogram; keep them in (both systems)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
 
 #: etcd 3.4 anchor on this machine (/work/shared/reference/anchors.md section 1, invocation 3)
@@ -95,91 +106,6 @@ ANCHOR: dict[str, float] = {
 GOAL_PUT64 = 0.5
 GOAL_READ64 = 0.5
 GOAL_FAILOVER = 1.0
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class BudgetExceeded(Exception):
-    """--budget ran out; the partial table is still printed."""
-
-
-# ----- processes ---------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel SIGKILLs the child if this script dies without cleaning up."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-class Procs:
-    """Processes this script started itself (etcd, py-spy), killed by PID; idempotent."""
-
-    def __init__(self) -> None:
-        self.popens: dict[int, subprocess.Popen[bytes]] = {}
-
-    def start(self, argv: Sequence[str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        self.popens[p.pid] = p
-        return p
-
-    def kill(self, p: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(sig)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait(timeout=10)
-        self.popens.pop(p.pid, None)
-
-    def kill_all(self) -> None:
-        for p in list(self.popens.values()):
-            self.kill(p)
-
-
-PROCS = Procs()
-atexit.register(PROCS.kill_all)
-
-
-def proc_ticks(pid: int) -> int:
-    """utime + stime of a process (all threads), 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return 0
-    fields = s[s.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def proc_rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 # ----- HTTP --------------------------------------------------------------------------------
@@ -628,6 +554,23 @@ class Run:
     error: str = ""
 
 
+def read_wrk(r: Run, out: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
+    """Rate, latency and errors from the BENCH_RESULT line of bench/lua/common.lua's done(),
+    into r; the whole line (for what else a caller counts), or None with r.error set."""
+    m = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
+    if m is None:
+        r.error = f"wrk rc={out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}"
+        return None
+    js: dict[str, Any] = json.loads(m.group(1))
+    lat = js["latency_us"]
+    r.requests = int(js["requests"])
+    r.rps = r.requests / (js["duration_us"] / 1e6)
+    r.p50_ms, r.p99_ms = lat["p50"] / 1000, lat["p99"] / 1000
+    r.mean_ms, r.max_ms = lat["mean"] / 1000, lat["max"] / 1000
+    r.errors = {k: int(v) for k, v in js["errors"].items() if v}
+    return js
+
+
 def run_wrk(
     system: System, label: str, lua: str, conns: int, threads: int, duration: float,
     spread: bool, prefix: str,
@@ -661,17 +604,9 @@ def run_wrk(
     ticks = system.cpu_ticks() - ticks0
     if lpid is not None:
         r.leader_cores = (proc_ticks(lpid) - lticks0) / CLK_TCK / dt
-    m = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
-    if m is None:
-        r.error = f"wrk rc={out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}"
+    js = read_wrk(r, out)
+    if js is None:
         return r
-    js = json.loads(m.group(1))
-    lat = js["latency_us"]
-    r.requests = int(js["requests"])
-    r.rps = r.requests / (js["duration_us"] / 1e6)
-    r.p50_ms, r.p99_ms = lat["p50"] / 1000, lat["p99"] / 1000
-    r.mean_ms, r.max_ms = lat["mean"] / 1000, lat["max"] / 1000
-    r.errors = {k: int(v) for k, v in js["errors"].items() if v}
     r.cluster_cores = ticks / CLK_TCK / dt
     if r.requests:
         r.cpu_us_per_req = ticks / CLK_TCK * 1e6 / r.requests
@@ -800,6 +735,17 @@ class Rep:
     notes: list[str] = field(default_factory=list)
 
 
+def note_run(res: Rep, key: str, r: Run, errors: str) -> None:
+    """Notes under the table on a wrk run: the leader changed, wrk counted errors, or it failed."""
+    if r.leader_after and r.leader_after != r.leader_before:
+        res.notes.append(f"{key}: leader changed during the run "
+                         f"({r.leader_before} -> {r.leader_after})")  # fmt: skip
+    if r.errors:
+        res.notes.append(f"{key}: wrk errors {errors}")
+    if r.error:
+        res.notes.append(f"{key}: {r.error}")
+
+
 def run_rep(system: System, res: Rep, args: argparse.Namespace, profile_dir: Path | None) -> None:
     """Fill res as the rep goes, so an abort still reports what was measured."""
     rep = res.rep
@@ -829,13 +775,7 @@ def run_rep(system: System, res: Rep, args: argparse.Namespace, profile_dir: Pat
                                      f"({r.acked} acked, {r.stored} stored)")  # fmt: skip
                 elif extra > conns:
                     res.notes.append(f"{key}: {extra} more keys stored than acked + in flight")
-        if r.leader_after and r.leader_after != r.leader_before:
-            res.notes.append(f"{key}: leader changed during the run "
-                             f"({r.leader_before} -> {r.leader_after})")  # fmt: skip
-        if r.errors:
-            res.notes.append(f"{key}: wrk errors {r.errors}")
-        if r.error:
-            res.notes.append(f"{key}: {r.error}")
+        note_run(res, key, r, f"{r.errors}")
         res.runs[key] = r
         log(f"  {system.name} {key}: {fmt(r.rps, 0)} req/s p50 {fmt(r.p50_ms, 2)} ms "
             f"p99 {fmt(r.p99_ms, 2)} ms, cluster {fmt(r.cluster_cores, 2)} cores "
@@ -865,97 +805,18 @@ def run_rep(system: System, res: Rep, args: argparse.Namespace, profile_dir: Pat
     if profile_dir is not None and system.name == "meshnode" and rep == 0:
         # an extra put64 run at the end, not counted: py-spy pauses the leader 100 times a second
         _, lua, conns, threads, sp, _ = plan[1]
-        prof = start_profile(system, profile_dir, args.duration)
+        li, _ = system.leader()
+        pid = system.pid(li)
+        out = profile_dir / "meshnode-leader-put64.collapsed"
+        prof = None if pid is None else start_profile(pid, out, args.duration, system.url(li))
         if prof is not None:
             r = run_wrk(system, "put64", lua, conns, threads, args.duration, sp, f"r{rep:02d}p")
-            finish_profile(prof, res)
+            if note := finish_profile(prof):
+                res.notes.append(note)
             res.notes.append(
                 f"profiled extra put64 run (not in the table): {fmt(r.rps, 0)} "
                 f"req/s, p99 {fmt(r.p99_ms, 1)} ms; collapsed stacks in {prof.out}"
             )
-
-
-# ----- profiling (optional) ----------------------------------------------------------------
-
-
-@dataclass
-class Profile:
-    popen: subprocess.Popen[bytes]
-    out: Path
-    log: IO[bytes]
-
-
-def start_profile(system: System, d: Path, duration: float) -> Profile | None:
-    """py-spy (from the venv) on the leader's agent for the length of the put64 run."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        log("  --profile: no py-spy in the venv (.venv/bin/pip install py-spy); skipped")
-        return None
-    li, _ = system.leader()
-    pid = system.pid(li)
-    if pid is None:
-        return None
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / "meshnode-leader-put64.collapsed"
-    f = (d / "py-spy.log").open("ab")
-    argv = [str(spy), "record", "-p", str(pid), "-d", str(max(1, round(duration))), "-r", "100",
-            "-f", "raw", "--threads", "-o", str(out)]  # fmt: skip
-    log(f"  profiling {system.url(li)} (pid {pid}): {' '.join(argv)}")
-    return Profile(PROCS.start(argv, f), out, f)
-
-
-def finish_profile(p: Profile, res: Rep) -> None:
-    try:
-        p.popen.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        PROCS.kill(p.popen, signal.SIGINT)
-    PROCS.popens.pop(p.popen.pid, None)
-    p.log.close()
-    if not p.out.exists():
-        res.notes.append(f"py-spy wrote no profile; see {p.out.parent / 'py-spy.log'}")
-
-
-def summarize_profile(path: Path, top: int = 15) -> str:
-    """Per thread: share of samples, top self frames, top inclusive meshnode frames.
-
-    Input: py-spy --threads raw output, lines "thread (tid): name;frame;...;frame count".
-    A thread's share is of all samples of all threads; the main thread runs the event loop, a
-    leaf in Runner.run is time in uvloop's C code (socket I/O and its callbacks' C parts).
-    """
-    by_thread: dict[str, dict[str, dict[str, int]]] = {}
-    totals: dict[str, int] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        first, _, rest = stack.partition(";")
-        name = first.split(": ", 1)[-1] if first.startswith("thread (") else "?"
-        name = re.sub(r"_\d+$", "", name)  # raft-io_0 -> raft-io
-        frames = [re.sub(r":\d+\)$", ")", fr) for fr in (rest or first).split(";")]
-        t = by_thread.setdefault(name, {"self": {}, "incl": {}})
-        totals[name] = totals.get(name, 0) + n
-        t["self"][frames[-1]] = t["self"].get(frames[-1], 0) + n
-        for fr in set(frames):
-            t["incl"][fr] = t["incl"].get(fr, 0) + n
-    total = sum(totals.values())
-    if not total:
-        return "(no samples)"
-    lines = [f"{total} samples (100 Hz, all threads)"]
-    for name in sorted(totals, key=lambda k: -totals[k]):
-        tn = totals[name]
-        lines.append(f"thread {name}: {tn} samples ({100 * tn / total:.1f}%); top self:")
-        for fr, n in sorted(by_thread[name]["self"].items(), key=lambda kv: -kv[1])[:top]:
-            lines.append(f"  {100 * n / tn:5.1f}%  {fr}")
-        own = [
-            (fr, n) for fr, n in by_thread[name]["incl"].items()
-            if re.search(r"\((node|gossip)/", fr) and not re.search(r"\(node/(cli|__main__)", fr)
-        ]  # fmt: skip
-        if own:
-            lines.append(f"thread {name}: top inclusive meshnode frames:")
-            for fr, n in sorted(own, key=lambda kv: -kv[1])[:top]:
-                lines.append(f"  {100 * n / tn:5.1f}%  {fr}")
-    return "\n".join(lines)
 
 
 # ----- report ------------------------------------------------------------------------------
@@ -1024,38 +885,19 @@ def report(results: list[Rep], systems: Sequence[str], args: argparse.Namespace)
         f"wrk {args.duration:g}s per run, target {args.target}; figures are median [min..max] "
         "over reps (failover: over every kill)"
     )
-    vals = {s: values([r for r in results if r.system == s]) for s in systems}
-    nreps = {s: sum(1 for r in results if r.system == s) for s in systems}
+    vals, nreps = by_system(results, systems, values)
     both = "meshnode" in systems and "etcd" in systems
-    w = 32
-    head = f"{'metric':<46} | " + " | ".join(f"{s + f' ({nreps[s]} reps)':<{w}}" for s in systems)
-    head += " | mesh/etcd" if both else ""
-    head += " | etcd anchor"
-    print(head)
-    print("-" * len(head))
-    for key, label, nd in METRICS:
-        row = f"{label:<46} | " + " | ".join(f"{fmt3(vals[s][key], nd):<{w}}" for s in systems)
-        if both:
-            a, b = med(vals["meshnode"][key]), med(vals["etcd"][key])
-            row += " | " + (f"{a / b:8.2f}x" if a is not None and b else "      n/a")
-        anc = ANCHOR.get(key)
-        row += " | " + (f"{anc:g}" if anc is not None else "")
-        print(row)
-    for r in results:
-        for n in ([r.error] if r.error else []) + r.notes:
-            print(f"  note: {r.system} rep{r.rep}: {n}")
+    print_table(
+        METRICS, vals, nreps, label_width=46, width=32,
+        ratio=("meshnode", "etcd", "mesh/etcd") if both else None,
+        anchor=("etcd anchor", ANCHOR),
+    )  # fmt: skip
+    print_notes(results)
     if both:
         print_goals(vals)
 
 
 def print_goals(vals: dict[str, dict[str, list[float | None]]]) -> None:
-    def ratio(key: str) -> float | None:
-        a, b = med(vals["meshnode"][key]), med(vals["etcd"][key])
-        return a / b if a is not None and b else None
-
-    def verdict(ok: bool | None) -> str:
-        return "n/a " if ok is None else ("PASS" if ok else "MISS")
-
     print("goals:")
     for key, what, limit, at_least in (
         ("put64_rps", "writes/s at 64 conns >= 50% of etcd", GOAL_PUT64, True),
@@ -1063,10 +905,8 @@ def print_goals(vals: dict[str, dict[str, list[float | None]]]) -> None:
         ("fo_write", "failover (kill -> first write OK) <= etcd", GOAL_FAILOVER, False),
         ("hang_write", "hung leader (no RST: timeouts only) <= etcd", GOAL_FAILOVER, False),
     ):
-        q = ratio(key)
-        ok = None if q is None else (q >= limit if at_least else q <= limit)
-        shown = "n/a" if q is None else f"{q:.2f}x"
-        print(f"  {verdict(ok)}  {what:<44} measured {shown} of etcd (limit {limit:g}x)")
+        verdict, shown = goal(vals["meshnode"][key], vals["etcd"][key], limit, at_least)
+        print(f"  {verdict}  {what:<44} measured {shown} of etcd (limit {limit:g}x)")
 
 
 # ----- setup and main ----------------------------------------------------------------------
@@ -1097,18 +937,7 @@ def ensure_tools(systems: Sequence[str]) -> None:
     if "etcd" in systems:
         need += [] if os.access(ETCD, os.X_OK) else ["etcd-server"]
         need += [] if os.access(ETCDCTL, os.X_OK) else ["etcd-client"]
-    if not need:
-        return
-    if os.geteuid() != 0:
-        raise SystemExit(f"missing {need}: run as root or apt-get install -y {' '.join(need)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log(f"installing {' '.join(need)}: apt-get install -y {' '.join(need)}")
-    cmd = ["apt-get", "install", "-y", "-q", *need]
-    if subprocess.run(cmd, env=env).returncode != 0:
-        log("apt-get install failed; running apt-get update and trying once more")
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
-        subprocess.run(cmd, env=env, check=True)
-    print(f"# installed with apt-get: {' '.join(need)}")
+    apt_install(need)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1145,51 +974,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     systems = [args.only] if args.only else list(SYSTEMS)
     ensure_tools(systems)
-
-    def on_signal(signum: int, frame: object) -> None:
-        if signum == signal.SIGALRM:
-            raise BudgetExceeded(f"--budget {args.budget:g}s")
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm(max(1, int(args.budget)))
-    workdir = Path(tempfile.mkdtemp(prefix="raft-vs-etcd-", dir="/tmp"))
-    if not args.keep:
-        atexit.register(shutil.rmtree, workdir, True)
+    workdir = begin(args.budget, "raft-vs-etcd-", keep=args.keep)
     t_start = time.monotonic()
-    results: list[Rep] = []
-    aborted = ""
     f50 = f99 = 0.0
     classes: dict[str, type[System]] = {"etcd": Etcd, "meshnode": Meshnode}
-    try:
+
+    def probe() -> None:
+        nonlocal f50, f99
         f50, f99 = fsync_probe(workdir)
         log(f"fsync 4 KiB on {workdir}: p50 {f50:.2f} ms p99 {f99:.2f} ms; load {loadavg()}")
-        for rep in range(args.reps):
-            order = systems if rep % 2 == 0 else list(reversed(systems))
-            for name in order:
-                d = workdir / f"{name}-rep{rep}"
-                d.mkdir()
-                system = classes[name](d, args.log_level)
-                res = Rep(name, rep, loadavg=loadavg())
-                results.append(res)
-                log(f"[{time.monotonic() - t_start:6.1f}s] {name} rep {rep} (load {res.loadavg})")
-                try:
-                    run_rep(system, res, args, args.profile)
-                except (KeyboardInterrupt, BudgetExceeded):
-                    res.error = "aborted during this rep"
-                    raise
-                except Exception as e:
-                    res.error = f"{type(e).__name__}: {e}"
-                    log(f"  {name} rep {rep} FAILED: {res.error}\n{system.log_tails()}")
-                finally:
-                    system.stop()
-    except (KeyboardInterrupt, BudgetExceeded) as e:
-        aborted = f"{type(e).__name__} {e}"
-        log(f"aborted ({aborted}); cleaning up; partial results follow")
-    finally:
-        signal.alarm(0)
-        PROCS.kill_all()
+
+    results, aborted = run_reps(
+        systems, args.reps, workdir, t_start,
+        make=lambda name, d: classes[name](d, args.log_level), record=Rep,
+        measure=lambda system, res, d: run_rep(system, res, args, args.profile), before=probe,
+    )  # fmt: skip
     report(results, systems, args)
     wrk_v = subprocess.run([WRK, "--version"], capture_output=True, text=True).stdout
     vers = {"wrk": wrk_v.split("[")[0].strip(), **{n: classes[n].versions() for n in systems}}
@@ -1198,28 +997,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{f99:.2f} ms on {workdir.parent}; wrk --timeout {WRK_TIMEOUT}; "
         + "; ".join(f"{k}: {v.strip()}" for k, v in vers.items())
     )
-    if args.profile is not None:
-        for prof in sorted(args.profile.glob("*.collapsed")):
-            print(f"# profile {prof}:\n{summarize_profile(prof)}")
-    if args.keep:
-        print(f"# work dir kept: {workdir}")
-    if args.json is not None:
-        doc = {
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "fsync_ms": {"p50": f50, "p99": f99},
-            "versions": vers,
-            "anchor_etcd": ANCHOR,
-            "medians": {s: {k: med(v) for k, v in values(
-                [r for r in results if r.system == s]).items()} for s in systems},
-            "reps": [asdict(r) for r in results],
-            "aborted": aborted,
-        }  # fmt: skip
-        args.json.write_text(json.dumps(doc, indent=2))
-        print(f"# figures written to {args.json}")
-    if aborted:
-        print(f"# ABORTED ({aborted}) before all reps ran")
-        return 3
-    return 0
+    fields = {"fsync_ms": {"p50": f50, "p99": f99}, "versions": vers, "anchor_etcd": ANCHOR}
+    return finish(
+        args, workdir, results, aborted, systems, values, fields, "*.collapsed", keep=args.keep
+    )
 
 
 if __name__ == "__main__":
