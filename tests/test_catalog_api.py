@@ -152,3 +152,80 @@ async def test_several_tags_select_instances_with_every_tag(
         assert isinstance(inst, list) and [i["ServiceID"] for i in inst] == ["w1"], path
     _, health, _ = await get(http, "/v1/health/service/w?tag=v2&tag=prod")
     assert isinstance(health, list) and [e["Service"]["ID"] for e in health] == ["w1"]
+
+
+def _svc(node: str, addr: str, name: str, status: str = "passing") -> dict[str, object]:
+    svc_check = {"CheckID": f"{name}-alive", "ServiceID": f"{name}-1", "Status": status}
+    return {"Node": node, "Address": addr, "Service": {"ID": f"{name}-1", "Service": name},
+            "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, svc_check]}  # fmt: skip
+
+
+async def _timed_get(
+    http: aiohttp.ClientSession, path: str
+) -> tuple[object, dict[str, str], float]:
+    _, body, headers = await get(http, path)
+    return body, headers, time.monotonic()
+
+
+async def test_a_service_watch_is_not_woken_by_other_services(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    await wait_node_registered(agent)
+    assert (await register(http, _svc("box-a", "10.3.0.1", "a")))[0] == 200
+    assert (await register(http, _svc("box-b", "10.3.0.2", "b")))[0] == 200
+    _, _, headers = await get(http, "/v1/health/service/b")
+    index = int(headers["X-Consul-Index"])
+    _, _, cheaders = await get(http, "/v1/health/checks/b")
+    cindex = int(cheaders["X-Consul-Index"])
+    watch = asyncio.create_task(_timed_get(http, f"/v1/health/service/b?index={index}&wait=10s"))
+    checks_watch = asyncio.create_task(
+        _timed_get(http, f"/v1/health/checks/b?index={cindex}&wait=10s")
+    )
+    try:
+        # writes to service a, to a's node (a serfHealth flap) and to a node without services
+        assert (await register(http, _svc("box-a", "10.3.0.1", "a", "critical")))[0] == 200
+        flap = {"Node": "box-a", "Address": "10.3.0.1",
+                "Check": {"CheckID": "serfHealth", "Status": "critical"}}  # fmt: skip
+        assert (await register(http, flap))[0] == 200
+        assert (await register(http, {"Node": "box-c", "Address": "10.3.0.3"}))[0] == 200
+        await asyncio.sleep(0.3)
+        assert not watch.done() and not checks_watch.done()
+        _, _, now = await get(http, "/v1/catalog/nodes")
+        assert int(now["X-Consul-Index"]) > index  # the catalog did move meanwhile
+
+        assert (await register(http, _svc("box-b", "10.3.0.2", "b", "critical")))[0] == 200
+        written = time.monotonic()
+        body, headers, returned = await asyncio.wait_for(watch, 5)
+        assert returned - written < 0.1
+        assert int(headers["X-Consul-Index"]) > int(now["X-Consul-Index"]) > index
+        assert isinstance(body, list) and len(body) == 1
+        statuses = {ch["CheckID"]: ch["Status"] for ch in body[0]["Checks"]}
+        assert statuses == {"serfHealth": "passing", "b-alive": "critical"}
+        cbody, cheaders, creturned = await asyncio.wait_for(checks_watch, 5)
+        assert creturned - written < 0.1 and int(cheaders["X-Consul-Index"]) > cindex
+        assert isinstance(cbody, list) and [ch["Status"] for ch in cbody] == ["critical"]
+    finally:
+        watch.cancel()
+        checks_watch.cancel()
+
+
+async def test_a_watch_of_a_vanishing_service_wakes_to_an_empty_list(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    await wait_node_registered(agent)
+    assert (await register(http, _svc("box-b", "10.3.0.2", "b")))[0] == 200
+    _, inst, headers = await get(http, "/v1/catalog/service/b")
+    assert isinstance(inst, list) and len(inst) == 1
+    index = int(headers["X-Consul-Index"])
+    watch = asyncio.create_task(_timed_get(http, f"/v1/catalog/service/b?index={index}&wait=10s"))
+    try:
+        await asyncio.sleep(0.1)
+        assert not watch.done()
+        async with http.put("/v1/catalog/deregister", json={"Node": "box-b"}) as r:
+            assert r.status == 200
+        written = time.monotonic()
+        body, headers, returned = await asyncio.wait_for(watch, 5)
+        assert returned - written < 0.1
+        assert body == [] and int(headers["X-Consul-Index"]) > index
+    finally:
+        watch.cancel()

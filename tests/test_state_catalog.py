@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from node.state import StateStore
 from node.state import commands as c
 from node.state.catalog import Catalog
 from tests.harness.state import StoreDriver as C
+from tests.harness.state import stored_data
 
 NID1 = "11111111-1111-1111-1111-111111111111"
 NID2 = "22222222-2222-2222-2222-222222222222"
@@ -182,3 +184,148 @@ def test_deregister(cat: C) -> None:
     assert cat.store.table_index(["nodes", "services", "checks"]) == idx
     # the freed node ID can be reused by another name
     cat.ok(c.register("node-z", "10.0.0.9", node_id=NID1, now=0.0))
+
+
+# -- per-service indexes (Consul's "service.<name>" / "service_last_extinction") ---------------
+
+
+def _two_services() -> C:
+    """Service a on node na, service b on node nb, each node with a serfHealth check."""
+    x = C()
+    for node, addr, svc in (("na", "10.0.0.1", "a"), ("nb", "10.0.0.2", "b")):
+        x.ok(c.register(node, addr, service={"ID": f"{svc}1", "Service": svc},
+                        checks=[{"CheckID": "serfHealth", "Status": "passing"},
+                                {"CheckID": f"{svc}-alive", "ServiceID": f"{svc}1",
+                                 "Status": "passing"}],
+                        now=0.0))  # fmt: skip
+    return x
+
+
+def _svc_index(x: C, name: str) -> tuple[int, int, int]:
+    """What the three readers of a service see: pseudo-table, catalog read, health read."""
+    cg = x.store.catalog
+    return (
+        x.store.table_index(f"service.{name}"),
+        cg.service_index(name),
+        cg.service_index(name, checks=True),
+    )
+
+
+def test_writes_elsewhere_do_not_move_a_service_index() -> None:
+    x = _two_services()
+    b_before = _svc_index(x, "b")
+    assert b_before == (2, 2, 2)
+    x.ok(c.register("na", "10.0.0.1", service={"ID": "a2", "Service": "a", "Port": 9}, now=0.0))
+    # a serfHealth flap of the node that does not host b
+    x.ok(c.register("na", "10.0.0.1", checks=[{"CheckID": "serfHealth", "Status": "critical"}],
+                    now=0.0))  # fmt: skip
+    x.ok(c.register("na", "10.0.0.9", now=0.0))  # the other node's address changes
+    x.ok(c.register("nc", "10.0.0.3", checks=[{"CheckID": "serfHealth"}], now=0.0))
+    x.ok(c.deregister("na", service_id="a2", now=0.0))
+    x.ok(c.deregister("nc", now=0.0))
+    assert x.store.table_index(["nodes", "services", "checks"]) == x.i == 8
+    assert _svc_index(x, "b") == b_before
+    assert _svc_index(x, "a") == (7, 7, 7)  # a moved with every write that touched it
+
+
+def test_changes_on_a_node_hosting_the_service_move_its_index() -> None:
+    x = _two_services()
+    x.ok(c.register("nb", "10.0.0.2", checks=[{"CheckID": "b-alive", "ServiceID": "b1",
+                                               "Status": "critical"}], now=0.0))  # fmt: skip
+    assert _svc_index(x, "b") == (3, 3, 3)
+    # a node-level check concerns every service of its node
+    x.ok(c.register("nb", "10.0.0.2", checks=[{"CheckID": "serfHealth", "Status": "critical"}],
+                    now=0.0))  # fmt: skip
+    assert _svc_index(x, "b") == (4, 4, 4)
+    x.ok(c.register("nb", "10.0.0.2", node_meta={"rack": "r9"}, now=0.0))  # node change
+    assert _svc_index(x, "b") == (5, 5, 5)
+    x.ok(c.deregister("nb", check_id="serfHealth", now=0.0))
+    assert _svc_index(x, "b") == (6, 6, 6)
+    x.ok(c.register("nb", "10.0.0.2", node_meta={"rack": "r9"},
+                    service={"ID": "b1", "Service": "b", "Tags": ["t"]}, now=0.0))  # fmt: skip
+    assert _svc_index(x, "b") == (7, 7, 7)
+    # an unchanged re-registration writes nothing, so nothing moves
+    x.ok(c.register("nb", "10.0.0.2", node_meta={"rack": "r9"},
+                    service={"ID": "b1", "Service": "b", "Tags": ["t"]}, now=0.0))  # fmt: skip
+    assert _svc_index(x, "b") == (7, 7, 7)
+    assert _svc_index(x, "a") == (1, 1, 1)
+
+
+def test_last_instance_gone_moves_the_index_and_drops_the_entry() -> None:
+    x = _two_services()
+    x.ok(c.register("nc", "10.0.0.3", service={"ID": "b2", "Service": "b"}, now=0.0))
+    x.ok(c.deregister("nc", service_id="b2", now=0.0))  # one instance is left: b's own index
+    assert _svc_index(x, "b") == (4, 4, 4)
+    assert x.store.catalog.service_nodes("b") != []
+    x.ok(c.deregister("nb", service_id="b1", now=0.0))
+    assert x.store.catalog.service_nodes("b") == [] == x.store.catalog.health_service("b")
+    assert _svc_index(x, "b") == (5, 5, 5)  # the extinction index, higher than before
+    envs = dict(x.store._p.env.table_indexes.items())
+    assert "service.b" not in envs and envs["service_last_extinction"] == 5  # memory bounded
+    assert _svc_index(x, "a") == (1, 1, 1)
+    # it comes back with its own index again
+    x.ok(c.register("nb", "10.0.0.2", service={"ID": "b1", "Service": "b"}, now=0.0))
+    assert _svc_index(x, "b") == (6, 6, 6)
+
+
+def test_node_deletion_and_rename_retire_the_services_they_held() -> None:
+    x = _two_services()
+    x.ok(c.register("nc", "10.0.0.3", service={"ID": "c1", "Service": "c"}, now=0.0))
+    x.ok(c.deregister("nb", now=0.0))  # the node, with b's only instance
+    assert _svc_index(x, "b") == (4, 4, 4)
+    assert x.store.catalog.service_index("a") == 1
+    # an instance renamed from c to d: c lost its last instance, d gained one
+    x.ok(c.register("nc", "10.0.0.3", service={"ID": "c1", "Service": "d"}, now=0.0))
+    assert _svc_index(x, "c") == (5, 5, 5) == _svc_index(x, "d")
+    assert "service.c" not in dict(x.store._p.env.table_indexes.items())
+
+
+def test_a_check_moved_between_services_moves_both() -> None:
+    x = _two_services()
+    x.ok(c.register("na", "10.0.0.1", service={"ID": "e1", "Service": "e"}, now=0.0))
+    x.ok(c.register("na", "10.0.0.1", checks=[{"CheckID": "a-alive", "ServiceID": "e1",
+                                               "Status": "passing"}], now=0.0))  # fmt: skip
+    assert x.store.catalog.service_index("a") == x.store.catalog.service_index("e") == 4
+
+
+def test_a_service_that_never_existed() -> None:
+    x = _two_services()
+    # no service ever went away: the catalog tables' max (with checks for health reads)
+    x.ok(c.register("na", "10.0.0.1", checks=[{"CheckID": "serfHealth", "Status": "warning"}],
+                    now=0.0))  # fmt: skip
+    assert x.store.catalog.service_index("ghost") == 2
+    assert x.store.catalog.service_index("ghost", checks=True) == 3
+    # after one did, the last extinction index (as Consul's maxIndexForService)
+    x.ok(c.deregister("nb", service_id="b1", now=0.0))
+    assert _svc_index(x, "ghost") == (4, 4, 4)
+
+
+def test_a_rolled_back_deregistration_keeps_the_service_index() -> None:
+    x = _two_services()
+    before = stored_data(x.store)  # table indexes included
+    ok, _ = x.apply(c.txn([c.txn_service("delete", "nb", service_id="b1"),
+                           c.txn_kv("get", "missing")], now=0.0))  # fmt: skip
+    assert not ok
+    assert _svc_index(x, "b") == (2, 2, 2)
+    assert stored_data(x.store) == before
+
+
+def test_service_indexes_survive_snapshot_and_restore() -> None:
+    x = _two_services()
+    x.ok(c.deregister("nb", service_id="b1", now=0.0))  # b extinct at 3
+    x.ok(c.register("na", "10.0.0.1", service={"ID": "a2", "Service": "a"}, now=0.0))
+    y = _two_services()
+    y.ok(c.deregister("nb", service_id="b1", now=0.0))
+    y.ok(c.register("na", "10.0.0.1", service={"ID": "a2", "Service": "a"}, now=0.0))
+    assert x.store.snapshot() == y.store.snapshot()  # replicas agree byte for byte
+    z = StateStore()
+    z.restore(x.store.snapshot())
+    for name in ("a", "b", "ghost"):
+        for checks in (False, True):
+            assert z.catalog.service_index(name, checks) == x.store.catalog.service_index(
+                name, checks
+            )
+    assert z.catalog.service_index("a") == 4 and z.catalog.service_index("b") == 3
+    # restored through Raft: every index moves to the restore entry's
+    assert z.apply(10, c.state_restore(x.store.snapshot())).ok
+    assert [z.catalog.service_index(n) for n in ("a", "b", "ghost")] == [10, 10, 10]

@@ -86,3 +86,52 @@ async def test_cancelled_wait_cleans_up() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert s.watch.waiting() == 0
+
+
+def _a_and_b() -> StateStore:
+    """Service a on node na and service b on node nb, each node with a serfHealth check."""
+    s = StateStore()
+    for i, (node, svc) in enumerate((("na", "a"), ("nb", "b")), start=1):
+        s.apply(i, c.register(node, f"10.0.0.{i}", service={"ID": f"{svc}1", "Service": svc},
+                              checks=[{"CheckID": "serfHealth", "Status": "passing"}],
+                              now=0.0))  # fmt: skip
+    return s
+
+
+async def test_a_service_watcher_sleeps_through_other_services_and_nodes() -> None:
+    s = _a_and_b()
+    b = s.table_index("service.b")
+    assert b == 2
+    task = asyncio.create_task(s.watch.wait({"service.b"}, b, timeout=30))
+    await asyncio.sleep(0)
+    s.apply(3, c.register("na", "10.0.0.1", service={"ID": "a2", "Service": "a"}, now=0.0))
+    s.apply(4, c.register("na", "10.0.0.1", checks=[{"CheckID": "serfHealth",
+                                                     "Status": "critical"}], now=0.0))  # fmt: skip
+    s.apply(5, c.deregister("na", service_id="a1", now=0.0))
+    await asyncio.sleep(0.02)
+    assert not task.done() and s.table_index("service.b") == 2
+    # a node-level check on b's node is part of b's health: it wakes the watcher
+    s.apply(6, c.register("nb", "10.0.0.2", checks=[{"CheckID": "serfHealth",
+                                                     "Status": "critical"}], now=0.0))  # fmt: skip
+    await asyncio.sleep(0)
+    assert task.done() and task.result() == 6
+    assert s.watch.waiting() == 0
+
+
+async def test_the_last_instance_leaving_wakes_its_watcher() -> None:
+    s = _a_and_b()
+    task = asyncio.create_task(s.watch.wait({"service.b"}, 2, timeout=30))
+    await asyncio.sleep(0)
+    s.apply(3, c.deregister("nb", service_id="b1", now=0.0))
+    await asyncio.sleep(0)
+    assert task.done() and task.result() == 3 > 2
+    assert s.catalog.service_nodes("b") == [] and s.catalog.health_service("b") == []
+    # the vanished service's watcher blocks again until b comes back
+    again = asyncio.create_task(s.watch.wait({"service.b"}, 3, timeout=30))
+    await asyncio.sleep(0)
+    s.apply(4, c.register("na", "10.0.0.1", service={"ID": "a2", "Service": "a"}, now=0.0))
+    await asyncio.sleep(0)
+    assert not again.done()
+    s.apply(5, c.register("na", "10.0.0.1", service={"ID": "b9", "Service": "b"}, now=0.0))
+    await asyncio.sleep(0)
+    assert again.done() and again.result() == 5

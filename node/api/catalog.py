@@ -1,7 +1,9 @@
 """/v1/catalog and /v1/health in Consul's shapes, read from the replicated catalog.
 
 Reads block on the catalog's table indexes (`?index=&wait=`) and honour the consistency modes
-like every other read; writes (`/v1/catalog/register|deregister`) go through Raft.
+like every other read; writes (`/v1/catalog/register|deregister`) go through Raft. The reads of
+one service (catalog/service, health/service, health/checks) wait only on that service's index,
+so a write elsewhere in the catalog does not wake them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from node.api.common import (
     write_command,
 )
 from node.state import commands as cmd
+from node.state.catalog import service_index_name
 from node.state.commands import CHECK_SPEC, NODE_SPEC, SERVICE_SPEC
 
 __all__ = ["ROUTES", "canonical"]
@@ -133,13 +136,19 @@ async def catalog_deregister(request: web.Request) -> web.StreamResponse:
 
 
 async def _read(
-    request: web.Request, tables: tuple[str, ...], compute: Callable[[], Any]
+    request: web.Request,
+    tables: tuple[str, ...],
+    compute: Callable[[], Any],
+    index: Callable[[], int] | None = None,
 ) -> web.StreamResponse:
-    """A blocking read whose body is compute() and whose index is the tables' index."""
+    """A blocking read whose body is compute(), waiting on `tables`; its index is index(), or
+    the tables' index without one. The read answers once index() passes ?index=; until then
+    it waits for the tables' index to pass the larger of the two."""
     store = consensus_of(request).store
 
     def run() -> tuple[int, web.StreamResponse]:
-        return store.table_index(tables), json_response(request, compute())
+        at = index() if index is not None else store.table_index(tables)
+        return at, json_response(request, compute())
 
     return await blocking_read(request, tables, run)
 
@@ -171,7 +180,8 @@ async def catalog_service(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
     tags = _tags(request)
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (NODES, SERVICES), lambda: _with_tags(
+    # Consul's ServiceNodes: maxIndexForService without checks (the pseudo-table's own index)
+    return await _read(request, (service_index_name(name),), lambda: _with_tags(
         catalog.service_nodes(name, tags[0] if tags else None), tags,
         lambda i: i["ServiceTags"]))  # fmt: skip
 
@@ -188,15 +198,21 @@ async def health_service(request: web.Request) -> web.StreamResponse:
     tags = _tags(request)
     passing = flag(request, "passing") and request.query["passing"].lower() not in ("0", "false")
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (NODES, SERVICES, CHECKS), lambda: _with_tags(
+    # Consul's CheckServiceNodes: maxIndexForService with checks (only its fallback differs)
+    return await _read(request, (service_index_name(name),), lambda: _with_tags(
         catalog.health_service(name, tags[0] if tags else None, passing), tags,
-        lambda i: i["Service"]["Tags"]))  # fmt: skip
+        lambda i: i["Service"]["Tags"]),
+        lambda: catalog.service_index(name, checks=True))  # fmt: skip
 
 
 async def health_checks(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
-    catalog = consensus_of(request).store.catalog
-    return await _read(request, (SERVICES, CHECKS), lambda: catalog.service_checks(name))
+    store = consensus_of(request).store
+    # Consul's ServiceChecks answers with the checks table's index but wakes only for the
+    # service's checks: wait on the service's index (which every change to them moves).
+    return await _read(request, (service_index_name(name),),
+                       lambda: store.catalog.service_checks(name),
+                       lambda: store.table_index(CHECKS))  # fmt: skip
 
 
 async def health_node(request: web.Request) -> web.StreamResponse:

@@ -3,6 +3,12 @@
 Rows are Consul-shaped dicts treated as immutable (replaced on write), so reads can hand out
 cheap copies. Writes that change nothing keep the old ModifyIndex and leave table indexes
 alone, as Consul does, so anti-entropy re-syncs do not wake every blocking query.
+
+Like Consul's index table, each service name has its own index ("service.<name>"), moved by
+every write that changes what a read of that service returns: the service's instances, their
+checks, and the nodes (and node-level checks) that host them. When the last instance goes, the
+entry is dropped and "service_last_extinction" moves instead, so memory follows the live
+services while a watcher of the vanished service still wakes to an empty list at a higher index.
 """
 
 from __future__ import annotations
@@ -17,7 +23,17 @@ NodeKey = str
 ServiceKey = tuple[str, str]  # (node, service id)
 CheckKey = tuple[str, str]  # (node, check id)
 
+#: Consul's index-table keys (agent/consul/state/catalog.go): one per live service name, and
+#: the index of the last write that removed a service's last instance.
+SERVICE_INDEX_PREFIX = "service."
+SERVICE_EXTINCTION = "service_last_extinction"
+
 _STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
+
+
+def service_index_name(service: str) -> str:
+    """The pseudo-table a blocking read of one service waits on (the store resolves it)."""
+    return SERVICE_INDEX_PREFIX + service
 
 
 def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -142,6 +158,7 @@ class Catalog:
             row["CreateIndex"] = existing["CreateIndex"]
         self.nodes.put(name, row)
         self.env.bump(self.NODES)
+        self._bump_services_of_node(name)  # health and catalog reads of them embed the node
 
     def ensure_service(self, node: str, req: dict[str, Any]) -> None:
         if node not in self.nodes:
@@ -167,6 +184,9 @@ class Catalog:
             row["CreateIndex"] = existing["CreateIndex"]
         self.services.put(key, row)
         self.env.bump(self.SERVICES)
+        self._bump_service(row["Service"])
+        if existing is not None and existing["Service"] != row["Service"]:
+            self._instance_gone(existing["Service"])  # renamed: the old name lost an instance
         # Checks carry a copy of the service name and tags: keep them in step.
         for cid in sorted(self._chk_by_service.get(key, {})):
             chk = self.checks.get((node, cid))
@@ -205,6 +225,12 @@ class Catalog:
             row["CreateIndex"] = existing["CreateIndex"]
         self.checks.put(key, row)
         self.env.bump(self.CHECKS)
+        self._bump_for_check(node, row)
+        if existing is not None and (existing["ServiceID"], existing["ServiceName"]) != (
+            row["ServiceID"],
+            row["ServiceName"],
+        ):
+            self._bump_for_check(node, existing)  # moved away from what it was bound to
         if row["Status"] == "critical":
             self._invalidate_check(node, row["CheckID"])
 
@@ -220,10 +246,12 @@ class Catalog:
             self.delete_node(node)
 
     def delete_check(self, node: str, check_id: str) -> None:
-        if (node, check_id) not in self.checks:
+        row = self.checks.get((node, check_id))
+        if row is None:
             return
         self.checks.delete((node, check_id))
         self.env.bump(self.CHECKS)
+        self._bump_for_check(node, row)
         self._invalidate_check(node, check_id)
 
     def delete_service(self, node: str, service_id: str) -> None:
@@ -232,8 +260,11 @@ class Catalog:
             return
         for cid in sorted(self._chk_by_service.get(key, {})):
             self.delete_check(node, cid)
+        row = self.services.get(key)
+        assert row is not None
         self.services.delete(key)
         self.env.bump(self.SERVICES)
+        self._instance_gone(row["Service"])
 
     def delete_node(self, node: str) -> None:
         """The node with its services and checks; its sessions are invalidated."""
@@ -246,6 +277,54 @@ class Catalog:
         self._invalidate_node(node)
         self.nodes.delete(node)
         self.env.bump(self.NODES)
+
+    # -- per-service indexes -------------------------------------------------------------------
+
+    def _bump_service(self, service: str) -> None:
+        self.env.bump(service_index_name(service))
+
+    def _bump_services_of_node(self, node: str) -> None:
+        """Consul's updateAllServiceIndexesOfNode: a node or node-level check change."""
+        names = set()
+        for sid in self._svc_by_node.get(node, {}):
+            svc = self.services.get((node, sid))
+            assert svc is not None
+            names.add(svc["Service"])
+        for name in sorted(names):
+            self._bump_service(name)
+
+    def _bump_for_check(self, node: str, chk: dict[str, Any]) -> None:
+        """A service check shows in its own service's reads; a node-level check in the reads
+        of every service on its node."""
+        if chk["ServiceID"]:
+            self._bump_service(chk["ServiceName"])
+        else:
+            self._bump_services_of_node(node)
+
+    def _instance_gone(self, service: str) -> None:
+        """An instance of `service` was deleted or renamed away (Consul's deleteServiceTxn):
+        bump its index, or when it was the last one drop the index and move the extinction
+        index, which the read then answers with (higher than any index the service had)."""
+        if service in self._svc_by_name:
+            self._bump_service(service)
+        else:
+            self.env.drop(service_index_name(service))
+            self.env.bump(SERVICE_EXTINCTION)
+
+    def service_index(self, service: str, checks: bool = False) -> int:
+        """Consul's maxIndexForService: the service's own index while it has instances; for
+        one without instances the last extinction's; failing both the catalog tables' max
+        (with `checks` for the health reads). Blocking reads wait on service_index_name()."""
+        env = self.env
+        if service not in self._svc_by_name:
+            extinct = env.table_indexes.get(SERVICE_EXTINCTION)
+            if extinct is not None:
+                return extinct
+        own = env.table_indexes.get(service_index_name(service))
+        if own is not None:
+            return own
+        tables = (self.NODES, self.SERVICES, self.CHECKS) if checks else (self.NODES, self.SERVICES)
+        return max(env.table_index(t) for t in tables)
 
     # -- compare-and-set variants (txn verbs "cas" and "delete-cas") ---------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 
 from node.raft.types import Entry, EntryType
-from node.state.catalog import Catalog
+from node.state.catalog import SERVICE_INDEX_PREFIX, Catalog
 from node.state.commands import Command, CommandError, decode
 from node.state.kv import KVEntry, KVRow, KVStore
 from node.state.sessions import SessionStore
@@ -108,14 +108,23 @@ class StateStore:
         return self._p.tables
 
     def table_index(self, tables: str | Iterable[str] = ()) -> int:
-        """Max index of the named tables (all tables when none are named). O(len(tables))."""
+        """Max index of the named tables (all tables when none are named). O(len(tables)).
+
+        "service.<name>" is a pseudo-table: the catalog's index for that service (Consul's
+        maxIndexForService), so a blocking read of one service waits only on writes to it.
+        """
         env = self._p.env
         if isinstance(tables, str):
-            return env.table_index(tables)
+            return self._one_index(tables)
         names = list(tables)
         if not names:
             return max((v for _, v in env.table_indexes.items()), default=0)
-        return max(env.table_index(t) for t in names)
+        return max(self._one_index(t) for t in names)
+
+    def _one_index(self, table: str) -> int:
+        if table.startswith(SERVICE_INDEX_PREFIX):
+            return self._p.catalog.service_index(table[len(SERVICE_INDEX_PREFIX) :])
+        return self._p.env.table_index(table)
 
     # -- apply --------------------------------------------------------------------------------
 

@@ -130,6 +130,12 @@ class Env:
             self.table_indexes.put(table, self.index)
         self.touched.add(table)
 
+    def drop(self, table: str) -> None:
+        """Forget `table`'s index (a per-service index whose last instance went), still waking
+        its watchers: they re-read and find whatever index now stands in for it."""
+        self.table_indexes.delete(table)
+        self.touched.add(table)
+
     def table_index(self, table: str) -> int:
         return self.table_indexes.get(table) or 0
 
