@@ -4,9 +4,15 @@ Names under the domain (default `consul.`), with an optional datacenter label:
 * `<service>.service[.<dc>].<domain>` and `<tag>.<service>.service...`: A/AAAA of the passing
   instances (the service address, or its node's); SRV with the port and a target whose address
   rides in the additional section;
-* RFC 2782 `_<service>._<tag>.service...` (`_tcp`/`_udp` mean any tag);
+* RFC 2782 `_<service>._<tag>.service...` (`_tcp`/`_udp` mean any tag); for SRV questions the
+  `.service` label may be left out (`_web._tcp.consul`), as in Consul;
 * `<node>.node[.<dc>].<domain>`: A/AAAA of the node, TXT from its metadata;
-* `<hex-ip>.addr[.<dc>].<domain>`: the address an SRV target names.
+* `<hex-ip>.addr[.<dc>].<domain>`: the address an SRV target names;
+* the domain itself: SOA, and NS naming the voters (the nodes of the `consul` service).
+Names compare case-insensitively with the catalog (Consul's indexes are case-insensitive), and
+the reply is canonical: its question and records are lower-cased, as Consul's router does.
+An address that is a hostname, not an IP, is answered as Consul does: a CNAME to it for A/AAAA
+(only when no instance has an IP: a name with a CNAME has nothing else), the SRV target itself.
 A name that does not exist is NXDOMAIN with the zone's SOA; a name without records of the asked
 type is NOERROR with the SOA (Consul's behaviour). Only instances whose checks all pass are
 answered (a service without any is NXDOMAIN, as in Consul), in shuffled order.
@@ -17,9 +23,10 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -31,9 +38,19 @@ import dns.rrset
 
 from node.state import StateStore
 
-__all__ = ["DNSConfig", "Resolver"]
+__all__ = ["CATALOG_TABLES", "DNSConfig", "Resolver"]
 
 T = dns.rdatatype
+
+#: Every answer depends on these tables only: a reply rendered at one of their indexes stays
+#: right until it moves (the server's cache and the SOA serial both use it).
+CATALOG_TABLES = ("nodes", "services", "checks")
+_NAME_TABLES = ("nodes", "services")
+
+_KINDS = ("service", "node", "addr")
+_ANY_TAG = ("tcp", "udp")  # RFC 2782 protocol labels, not tags
+_NS_MAX = 3  # Consul names at most three servers
+_SOA_TIMERS = "3600 600 86400 0"  # refresh, retry, expire, minimum (Consul's defaults)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +59,16 @@ class DNSConfig:
     datacenter: str = "dc1"
     node_ttl: int = 0
     service_ttl: int = 0
+
+
+@dataclass(slots=True)
+class _Names:
+    """Catalog names by their lower-case form, for case-insensitive lookups."""
+
+    store: StateStore | None = None
+    index: int = -1
+    services: dict[str, list[str]] = field(default_factory=dict)
+    nodes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _addr_type(ip: str) -> dns.rdatatype.RdataType | None:
@@ -55,25 +82,39 @@ def _hex_ip(ip: str) -> str:
     return ipaddress.ip_address(ip).packed.hex()
 
 
+def _hostname(text: str) -> dns.name.Name | None:
+    """The absolute name an address that is no IP stands for; None when it is no name."""
+    try:
+        name = dns.name.from_text(text.rstrip(".") + ".")
+    except (dns.exception.DNSException, ValueError):
+        return None
+    return name if len(name.labels) > 1 else None
+
+
 class Resolver:
     def __init__(
         self, store: Callable[[], StateStore], config: DNSConfig, rng: random.Random | None = None
     ) -> None:
         self._store = store
         self.config = config
-        self.origin = dns.name.from_text(config.domain)
+        self.origin = dns.name.from_text(config.domain).canonicalize()
         self.rng = rng or random.Random()
+        self._names = _Names()
 
     def in_domain(self, qname: dns.name.Name) -> bool:
         return qname.is_subdomain(self.origin)
 
-    def soa(self) -> dns.rrset.RRset:
+    def soa(self, store: StateStore | None = None) -> dns.rrset.RRset:
+        """The zone's SOA. Its serial is the catalog's index, so it grows with every change
+        of what the zone answers and a rendered reply stays exact while it is cached (Consul
+        puts the clock there, which says nothing about the data)."""
+        serial = (store or self._store()).table_index(CATALOG_TABLES) % 2**32
         ns = dns.name.from_text("ns", self.origin)
         mbox = dns.name.from_text("hostmaster", self.origin)
         return dns.rrset.from_rdata(
             self.origin,
-            0,
-            dns.rdata.from_text(dns.rdataclass.IN, T.SOA, f"{ns} {mbox} 1 3600 600 86400 0"),
+            0,  # the minimum TTL, as Consul
+            dns.rdata.from_text(dns.rdataclass.IN, T.SOA, f"{ns} {mbox} {serial} {_SOA_TIMERS}"),
         )
 
     def answer(self, query: dns.message.Message) -> dns.message.Message:
@@ -82,82 +123,158 @@ class Resolver:
         resp.flags |= dns.flags.AA
         resp.flags &= ~dns.flags.RA
         q = query.question[0]
-        labels = [x.decode("utf-8", "replace").lower() for x in
-                  q.name.relativize(self.origin).labels]  # fmt: skip
-        found = self._lookup(labels, q.rdtype, resp)
+        qname = q.name.canonicalize()  # Consul answers with the canonical (lower-case) name
+        resp.question[0] = dns.rrset.RRset(qname, q.rdclass, q.rdtype)
+        store = self._store()
+        labels = [x.decode("utf-8", "replace") for x in qname.relativize(self.origin).labels]
+        found = self._lookup(store, labels, q.rdtype, resp)
         if found is None:
             resp.set_rcode(dns.rcode.NXDOMAIN)
         if not resp.answer:
-            resp.authority.append(self.soa())
+            resp.authority.append(self.soa(store))
         return resp
 
     # -- names --------------------------------------------------------------------------------
 
-    def _strip_dc(self, labels: list[str], kind: str) -> list[str] | None:
-        """Labels before `kind` (service/node/addr), or None when the name is not of that kind
-        or names another datacenter."""
-        if kind not in labels:
-            return None
-        i = len(labels) - 1 - labels[::-1].index(kind)
-        rest = labels[i + 1 :]
-        if rest not in ([], [self.config.datacenter]):
-            return None
-        return labels[:i]
+    def _split(self, labels: list[str], qtype: int) -> tuple[str, list[str]] | None:
+        """(kind, labels before it) the way Consul's router reads a name: the last label that
+        names a kind, or for SRV the last `_` label (`.service` is optional there); what
+        follows may only be this datacenter."""
+        for i in range(len(labels) - 1, -1, -1):
+            label = labels[i]
+            if label in _KINDS:
+                kind, head, rest = label, labels[:i], labels[i + 1 :]
+            elif qtype == T.SRV and label.startswith("_"):
+                kind, head, rest = "service", labels[: i + 1], labels[i + 1 :]
+            else:
+                continue
+            if rest not in ([], [self.config.datacenter]):
+                return None
+            return kind, head
+        return None
 
-    def _lookup(self, labels: list[str], qtype: int, resp: dns.message.Message) -> bool | None:
-        if (head := self._strip_dc(labels, "service")) is not None:
-            return self._service(head, qtype, resp)
-        if (head := self._strip_dc(labels, "node")) is not None and len(head) == 1:
-            return self._node(head[0], qtype, resp)
-        if (head := self._strip_dc(labels, "addr")) is not None and len(head) == 1:
+    def _lookup(
+        self, store: StateStore, labels: list[str], qtype: int, resp: dns.message.Message
+    ) -> bool | None:
+        if not labels:
+            return self._apex(store, qtype, resp)
+        split = self._split(labels, qtype)
+        if split is None or not split[1]:
+            return None
+        kind, head = split
+        if kind == "service":
+            return self._service(store, head, qtype, resp)
+        if kind == "node":
+            return self._node(store, ".".join(head), qtype, resp)
+        if len(head) == 1:
             return self._addr(head[0], qtype, resp)
         return None
 
-    def _service(self, head: list[str], qtype: int, resp: dns.message.Message) -> bool | None:
+    def _catalog_names(self, store: StateStore) -> _Names:
+        """Lower-case name -> catalog names, rebuilt when nodes or services change (never for
+        check updates), and only on the path that renders a reply."""
+        index = store.table_index(_NAME_TABLES)
+        names = self._names
+        if names.store is store and names.index == index:
+            return names
+        services: dict[str, set[str]] = {}
+        for _, svc in store.catalog.services.items():
+            services.setdefault(svc["Service"].lower(), set()).add(svc["Service"])
+        nodes: dict[str, list[str]] = {}
+        for node in store.catalog.nodes:
+            nodes.setdefault(node.lower(), []).append(node)
+        self._names = _Names(
+            store, index, {k: sorted(v) for k, v in services.items()},
+            {k: sorted(v) for k, v in nodes.items()},
+        )  # fmt: skip
+        return self._names
+
+    # -- services -----------------------------------------------------------------------------
+
+    def _instances(self, store: StateStore, service: str, tag: str) -> list[dict[str, Any]]:
+        """Passing instances of every catalog service whose name matches, with the tag if one
+        is given (both compared in lower case, as Consul)."""
+        out: list[dict[str, Any]] = []
+        for name in self._catalog_names(store).services.get(service, ()):
+            for e in store.catalog.health_service(name, None, passing_only=True):
+                if not tag or any(t.lower() == tag for t in e["Service"]["Tags"]):
+                    out.append(e)
+        return out
+
+    def _service(
+        self, store: StateStore, head: list[str], qtype: int, resp: dns.message.Message
+    ) -> bool | None:
         if len(head) == 2 and head[0].startswith("_") and head[1].startswith("_"):
             service, tag = head[0][1:], head[1][1:]
-            if tag in ("tcp", "udp"):
+            if tag in _ANY_TAG:
                 tag = ""
-        elif len(head) == 1:
-            service, tag = head[0], ""
-        elif len(head) == 2:
-            tag, service = head
-        else:
-            return None
-        instances = self._store().catalog.health_service(service, tag or None, passing_only=True)
+        else:  # [tag.]service; a tag may hold dots (Consul joins the labels)
+            service, tag = head[-1], ".".join(head[:-1])
+        instances = self._instances(store, service, tag)
         if not instances:
             return None  # like Consul: no passing instance is NXDOMAIN
         self.rng.shuffle(instances)
         ttl = self.config.service_ttl
         qname = resp.question[0].name
+        cname: dns.name.Name | None = None
         for e in instances:
             node, svc = e["Node"], e["Service"]
             ip = svc["Address"] or node["Address"]
-            if qtype in (T.A, T.AAAA, T.ANY):
-                self._address(resp.answer, qname, ip, qtype, ttl)
-            if qtype in (T.SRV, T.ANY):
-                target = self._target(node, svc)
+            host = None if _addr_type(ip) else _hostname(ip)
+            if host is not None and host == qname and _addr_type(node["Address"]):
+                ip, host = node["Address"], None  # the service's address names itself
+            if qtype == T.SRV:
+                target = host if host is not None else self._target(node, ip)
+                if target is None:
+                    continue
                 rd = dns.rdata.from_text(
                     dns.rdataclass.IN, T.SRV, f"1 1 {int(svc['Port'])} {target}"
                 )
                 self._add(resp.answer, qname, ttl, rd)
-                self._address(resp.additional, target, ip, T.ANY, ttl)
+                if host is None:
+                    self._address(resp.additional, target, ip, T.ANY, ttl)
+            elif qtype in (T.A, T.AAAA, T.ANY):
+                if host is None:
+                    self._address(resp.answer, qname, ip, qtype, ttl)
+                elif cname is None:
+                    cname = host
+        if cname is not None and not resp.answer:
+            self._add(resp.answer, qname, ttl, dns.rdata.from_text(
+                dns.rdataclass.IN, T.CNAME, cname.to_text()))  # fmt: skip
         return True
 
-    def _target(self, node: dict[str, Any], svc: dict[str, Any]) -> dns.name.Name:
+    def _target(self, node: dict[str, Any], ip: str) -> dns.name.Name | None:
+        """The SRV target of an instance at `ip`: its node's name when that is where it
+        listens, else the `.addr` name of its own address."""
         dc = self.config.datacenter
-        if svc["Address"] and svc["Address"] != node["Address"] and _addr_type(svc["Address"]):
-            return dns.name.from_text(f"{_hex_ip(svc['Address'])}.addr.{dc}", self.origin)
-        return dns.name.from_text(f"{node['Node']}.node.{dc}", self.origin)
+        if _addr_type(ip) is None:
+            return None
+        if ip == node["Address"]:
+            try:
+                return dns.name.from_text(f"{node['Node']}.node.{dc}", self.origin)
+            except dns.exception.DNSException:
+                pass  # a node name that is no DNS name: use its address instead
+        return dns.name.from_text(f"{_hex_ip(ip)}.addr.{dc}", self.origin)
 
-    def _node(self, name: str, qtype: int, resp: dns.message.Message) -> bool | None:
-        node = self._store().catalog.node(name)
+    # -- nodes, addresses, the apex -----------------------------------------------------------
+
+    def _node(
+        self, store: StateStore, name: str, qtype: int, resp: dns.message.Message
+    ) -> bool | None:
+        matches = self._catalog_names(store).nodes.get(name)
+        node = store.catalog.node(matches[0]) if matches else None
         if node is None:
             return None
         qname = resp.question[0].name
         ttl = self.config.node_ttl
         if qtype in (T.A, T.AAAA, T.ANY):
-            self._address(resp.answer, qname, node["Address"], qtype, ttl)
+            addr = node["Address"]
+            host = None if _addr_type(addr) else _hostname(addr)
+            if host is not None:  # an external node: a CNAME, which stands alone
+                self._add(resp.answer, qname, ttl, dns.rdata.from_text(
+                    dns.rdataclass.IN, T.CNAME, host.to_text()))  # fmt: skip
+                return True
+            self._address(resp.answer, qname, addr, qtype, ttl)
         if qtype in (T.TXT, T.ANY):
             for k, v in sorted((node.get("Meta") or {}).items()):
                 text = f"{k}={v}".replace("\\", "\\\\").replace('"', '\\"')
@@ -173,6 +290,45 @@ class Resolver:
             return None
         self._address(resp.answer, resp.question[0].name, ip, qtype, self.config.node_ttl)
         return True
+
+    def _apex(self, store: StateStore, qtype: int, resp: dns.message.Message) -> bool:
+        """SOA and NS of the zone; any other type is NOERROR with the SOA (the name exists)."""
+        if qtype in (T.SOA, T.ANY):
+            resp.answer.append(self.soa(store))
+        if qtype in (T.NS, T.ANY, T.SOA):
+            # NS records in the answer, or beside an SOA answer in the authority section
+            section = resp.authority if qtype == T.SOA else resp.answer
+            self._name_servers(store, section, resp.additional)
+        return True
+
+    def _name_servers(
+        self,
+        store: StateStore,
+        section: list[dns.rrset.RRset],
+        additional: list[dns.rrset.RRset],
+    ) -> None:
+        """Up to three voters (the passing nodes of the `consul` service), shuffled, as
+        `<node>.node.<dc>.<domain>`, with their addresses as glue (Consul's NS answer)."""
+        voters = store.catalog.health_service("consul", None, passing_only=True)
+        self.rng.shuffle(voters)
+        ttl = self.config.node_ttl
+        named = 0
+        for e in voters:
+            node = e["Node"]
+            if _addr_type(node["Address"]) is None:
+                continue
+            try:
+                target = dns.name.from_text(
+                    f"{node['Node']}.node.{self.config.datacenter}", self.origin
+                )
+            except dns.exception.DNSException:
+                continue  # no DNS name for it (Consul skips such nodes too)
+            self._add(section, self.origin, ttl,
+                      dns.rdata.from_text(dns.rdataclass.IN, T.NS, target.to_text()))  # fmt: skip
+            self._address(additional, target, node["Address"], T.ANY, ttl)
+            named += 1
+            if named == _NS_MAX:
+                return
 
     # -- records ------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ rendered replies are kept per query (its bytes after the ID, and the size limit)
 catalog changes (its table indexes move); a hit is answered straight from the datagram
 callback, patching only the query ID. A few differently shuffled renderings are kept per
 query, so clients still see the instances in varying order. Names outside the domain go to
-the --recursor servers. Garbage gets FORMERR when it has a readable header and is dropped
-otherwise; both are counted.
+the --recursor servers, over the transport the client used (a TCP client is after the whole
+answer), and are REFUSED when there is none (Consul). Garbage gets FORMERR when it has a
+readable header and is dropped otherwise; both are counted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import dns.opcode
 import dns.rcode
 import structlog
 
-from node.dns.resolver import DNSConfig, Resolver
+from node.dns.resolver import CATALOG_TABLES, DNSConfig, Resolver
 from node.state import StateStore
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ __all__ = ["DNSServer", "DNSStats", "Responder"]
 
 log = structlog.get_logger("node.dns")
 
-CATALOG_TABLES = ("nodes", "services", "checks")
 UDP_DEFAULT_SIZE = 512
 TCP_MAX_SIZE = 65535
 VARIANTS = 4  # differently shuffled renderings kept per cached name
@@ -111,7 +111,9 @@ class Responder:
         q = query.question[0]
         size = TCP_MAX_SIZE if limit is None else max(limit, query.payload, UDP_DEFAULT_SIZE)
         if not self.resolver.in_domain(q.name):
-            return await self._forward(query, wire, size)
+            if not self.recursors:
+                return self._reply(query, dns.rcode.REFUSED)  # Consul: not ours, no recursor
+            return await self._forward(query, size, tcp=limit is None)
         key = (wire[2:], limit)
         index = self.store().table_index(CATALOG_TABLES)
         entry = self._cache.get(key)
@@ -119,7 +121,10 @@ class Responder:
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             entry = self._cache[key] = _Entry(index)
-        entry.variants.append(self._render(self.resolver.answer(query), size))
+        resp = self.resolver.answer(query)
+        if self.recursors:
+            resp.flags |= dns.flags.RA  # Consul offers recursion exactly when it has recursors
+        entry.variants.append(self._render(resp, size))
         return wire[:2] + entry.variants[-1][2:]
 
     def _render(self, resp: dns.message.Message, size: int) -> bytes:
@@ -138,27 +143,39 @@ class Responder:
         resp.authority = []
         return resp.to_wire(max_size=size)
 
-    async def _forward(self, query: dns.message.Message, wire: bytes, size: int) -> bytes:
+    async def _forward(self, query: dns.message.Message, size: int, tcp: bool) -> bytes:
+        """The first recursor's answer, tried in order as Consul does: one that fails, or
+        answers anything but NOERROR/NXDOMAIN, passes the question to the next. Over UDP a
+        truncated answer is passed on as it is (TC set), so the client retries over TCP, and
+        that is forwarded over TCP."""
         for server in self.recursors:
             host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
             try:
-                answer = await dns.asyncquery.udp(
+                ask = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
+                answer = await ask(
                     query, host or server, timeout=RECURSOR_TIMEOUT, port=int(port or 53)
                 )
-            except (dns.exception.DNSException, OSError, ValueError) as e:
-                log.debug("dns.recursor_failed", recursor=server, error=str(e))
+            except (dns.exception.DNSException, OSError, ValueError, EOFError) as e:
+                log.debug("dns.recursor_failed", recursor=server, error=str(e) or repr(e))
+                continue
+            if answer.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                log.debug("dns.recursor_failed", recursor=server, rcode=answer.rcode().name)
                 continue
             self.stats.forwarded += 1
             answer.id = query.id
             return self._render(answer, size)
-        # nothing to forward to, or no recursor answered: Consul answers SERVFAIL
-        return self._reply(query, dns.rcode.SERVFAIL)
+        # no recursor answered: SERVFAIL, with recursion (still) available, as Consul
+        return self._reply(query, dns.rcode.SERVFAIL, recursion=True)
 
-    def _reply(self, query: dns.message.Message, rcode: int, count: bool = False) -> bytes:
+    def _reply(
+        self, query: dns.message.Message, rcode: int, count: bool = False, recursion: bool = False
+    ) -> bytes:
         if count:
             self.stats.formerr += 1
         resp = dns.message.make_response(query)
         resp.set_rcode(dns.rcode.Rcode(rcode))
+        if recursion:
+            resp.flags |= dns.flags.RA
         return resp.to_wire()
 
     def _formerr(self, wire: bytes) -> bytes | None:
@@ -245,6 +262,8 @@ class DNSServer:
                 await writer.drain()
         except (asyncio.IncompleteReadError, OSError, ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:  # one bad query must never stop the server: drop this connection
+            log.exception("dns.query_failed")
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
