@@ -309,3 +309,40 @@ def test_real_dev_agent_members_then_leave(tmp_path: Path) -> None:
     started = records[events.index("agent.started")]
     assert started["level"] == "info" and started["node"] == "solo" and "timestamp" in started
     assert any(rec["event"] == "http.request" and rec["level"] == "debug" for rec in records)
+
+
+@pytest.mark.cluster
+def test_dev_agent_accepts_writes_within_a_second(tmp_path: Path) -> None:
+    """`meshnode agent --dev` is a one-node cluster ready within a second: from the process
+    spawn to the first acknowledged KV write. Best of three, so that one scheduling hiccup on a
+    busy machine does not decide it."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    times = []
+    for attempt in range(3):
+        http = free_port("127.0.0.1", udp=False)
+        argv = [sys.executable, "-m", "node", "agent", "--dev", "--node", f"quick{attempt}",
+                "--data-dir", str(tmp_path / f"d{attempt}"), "--bind", "127.0.0.1",
+                "--serf-port", str(free_port("127.0.0.1")), "--http-port", str(http),
+                "--dns-port", str(free_port("127.0.0.1")), "--log-level", "warn",
+                "--server-port", str(free_port("127.0.0.1", udp=False))]  # fmt: skip
+        log_path = tmp_path / f"agent{attempt}.log"
+        put = urllib.request.Request(f"http://127.0.0.1:{http}/v1/kv/ready", b"1", method="PUT")
+        with log_path.open("wb") as log:
+            start = time.monotonic()
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    with opener.open(put, timeout=2) as r:
+                        if r.status == 200 and json.loads(r.read()) is True:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() - start < 20, log_path.read_text()
+                time.sleep(0.01)
+            times.append(time.monotonic() - start)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=5)
+    assert min(times) < 1.0, f"spawn to first acknowledged write: {times}"
