@@ -1,8 +1,8 @@
 """A stock Prometheus-style scraper with `consul_sd_configs` discovers targets from meshnode.
 
-Debian's `prometheus` package (bookworm: 2.42.0+ds) is built with Consul SD compiled out
-("Disable Consul SD until its Debian package is back in shape": its config parser rejects
-consul_sd_configs). Debian's `victoria-metrics` package is a Prometheus-compatible scraper that
+Debian's `prometheus` package is built with Consul SD compiled out (bookworm 2.42.0+ds and
+trixie 2.53.3+ds1 alike: "Disable Consul SD until its Debian package is back in shape"; the
+config parser rejects consul_sd_configs), and no upstream build is reachable from here. Debian's `victoria-metrics` package is a Prometheus-compatible scraper that
 has it: the same scrape-config format and __meta_consul_* labels, and the same
 /api/v1/targets API. Its Consul SD asks the agent for /v1/agent/self (the datacenter), then
 runs blocking queries on /v1/catalog/services and /v1/health/service/<name>.
@@ -10,7 +10,7 @@ runs blocking queries on /v1/catalog/services and /v1/health/service/<name>.
 The registered instances point at real /metrics endpoints on loopback, so targets get scraped
 "up". A critical check must show in __meta_consul_health (the scraper keeps such targets by
 default, as Prometheus does), and a deregistered instance must drop out of the targets.
-A second test pins down multi-tag selection (`tags: [a, b]`), which meshnode gets wrong.
+A second test shows multi-tag selection (`tags: [a, b]`): only instances with every tag.
 """
 
 from __future__ import annotations
