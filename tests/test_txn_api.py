@@ -59,6 +59,9 @@ async def test_catalog_ops_in_a_txn(http: aiohttp.ClientSession) -> None:
     assert isinstance(inst, list) and [i["Node"]["Node"] for i in inst] == ["tx1"]
 
 
+BIG = base64.b64encode(b"x" * (512 * 1024 + 1)).decode()  # one byte over Consul's KV limit
+
+
 async def test_bad_transactions_are_refused(http: aiohttp.ClientSession) -> None:
     for ops, code, text in [
         ("not a list", 400, "array"),
@@ -66,6 +69,7 @@ async def test_bad_transactions_are_refused(http: aiohttp.ClientSession) -> None
         ([{"KV": {"Verb": "set", "Key": "k", "Value": "%%%"}}], 400, "base64"),
         ([{"KV": {"Verb": "explode", "Key": "k"}}], 400, "explode"),
         ([{"KV": {"Verb": "set", "Key": f"k{i}"}} for i in range(129)], 413, "too many"),
+        ([{"KV": {"Verb": "set", "Key": "k0", "Value": BIG}}], 413, "limit"),
     ]:
         status, body = await txn(http, ops)
         assert status == code and text in str(body), (ops if len(str(ops)) < 80 else "...", body)

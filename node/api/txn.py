@@ -112,7 +112,9 @@ async def txn(request: web.Request) -> web.StreamResponse:
                                f"({len(body)} > {MAX_TXN_OPS})")  # fmt: skip
     try:
         command = cmd.txn(parse_ops(body), now=time.time())
-    except (ValueError, cmd.CommandError) as e:
+    except cmd.CommandError as e:  # a KV value over 512 KiB is a 413, as in Consul
+        return text_error(413 if e.kind == "too_large" else 400, f"Failed to parse body: {e}")
+    except ValueError as e:
         return text_error(400, f"Failed to parse body: {e}")
     # not write_command: a rolled-back txn is an answer (409 with its errors), not a failure
     result = await propose(request, command)
