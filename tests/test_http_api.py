@@ -394,6 +394,16 @@ async def test_unknown_path_is_404_text(http: aiohttp.ClientSession) -> None:
             assert await r.text() == "404 page not found"
 
 
+async def test_acl_endpoints_say_acls_are_disabled(http: aiohttp.ClientSession) -> None:
+    """Consul without ACLs: 401 "ACL support disabled" on every /v1/acl/ call, which clients
+    and scripts test for."""
+    calls = [("GET", "/v1/acl/tokens"), ("PUT", "/v1/acl/bootstrap"),
+             ("GET", "/v1/acl/token/self"), ("DELETE", "/v1/acl/policy/x")]  # fmt: skip
+    for method, path in calls:
+        async with http.request(method, path) as r:
+            assert (r.status, await r.text()) == (401, "ACL support disabled"), path
+
+
 async def test_wrong_method_is_405(http: aiohttp.ClientSession) -> None:
     cases = [
         ("PUT", "/v1/agent/members", "GET"),

@@ -246,6 +246,12 @@ async def keyring(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200)
 
 
+async def acl_disabled(request: web.Request) -> web.StreamResponse:
+    """Consul without ACLs answers every /v1/acl/ call so; clients rely on it to tell an
+    ACL-less cluster from a missing endpoint."""
+    return text_error(401, "ACL support disabled")
+
+
 #: (method, path, handler). aiohttp answers 405 for a known path with another method.
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/agent/members", agent_members),
@@ -265,6 +271,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     *agent_services.ROUTES,
     *txn.ROUTES,
     ("GET", "/v1/agent/metrics", agent_metrics),
+    *[(m, r"/v1/acl/{tail:[\s\S]*}", acl_disabled) for m in ("GET", "PUT", "POST", "DELETE")],
 ]
 
 
