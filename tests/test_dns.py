@@ -265,6 +265,20 @@ def test_garbage_gets_formerr_or_is_dropped(driver: StoreDriver) -> None:
         dns.rcode.NOTIMP
     )
     assert r.stats.formerr == 1 and r.stats.dropped == 2
+    empty = dns.message.make_query("web.service.consul", "A")
+    empty.question = []
+    out = asyncio.run(r.respond(empty.to_wire(), 512))
+    assert dns.message.from_wire(out or b"").rcode() == dns.rcode.REFUSED  # Consul's answer
+
+
+def test_the_clients_edns_size_is_echoed(driver: StoreDriver) -> None:
+    r = responder(driver)
+    for payload in (1232, 4096):
+        q = dns.message.make_query("web.service.consul", "A", use_edns=0, payload=payload)
+        resp = dns.message.from_wire(asyncio.run(r.respond(q.to_wire(), payload)) or b"")
+        assert resp.edns == 0 and resp.payload == payload
+    plain = dns.message.make_query("web.service.consul", "A")
+    assert dns.message.from_wire(asyncio.run(r.respond(plain.to_wire(), 512)) or b"").edns < 0
 
 
 def instance(d: StoreDriver, node: str, addr: str, service: str, *, port: int = 80,
@@ -647,6 +661,11 @@ def test_garbage_to_a_live_agent_leaves_it_answering(tmp_path: Path) -> None:
         with socket.create_connection(addr, timeout=2) as t:
             t.sendall(frame(b"\x00\x01"))  # a frame too short for a header
             assert t.recv(100) == b""
+        with socket.create_connection(addr, timeout=10) as t:  # a query that never completes
+            t.sendall(struct.pack("!H", 100) + b"\x12\x34")
+            started = time.monotonic()
+            assert t.recv(100) == b""  # hung up after the 2 s read timeout, not held forever
+            assert time.monotonic() - started < 6
         assert answered(dns.query.tcp(query, a.client, port=a.ports.dns, timeout=2))
         assert answered(dns.query.udp(query, a.client, port=a.ports.dns, timeout=2))
         assert a.running

@@ -119,7 +119,7 @@ class Resolver:
 
     def answer(self, query: dns.message.Message) -> dns.message.Message:
         """The full response for a query in the domain (no truncation: the server does that)."""
-        resp = dns.message.make_response(query)
+        resp = dns.message.make_response(query, our_payload=query.payload)  # echo, as Consul
         resp.flags |= dns.flags.AA
         resp.flags &= ~dns.flags.RA
         q = query.question[0]

@@ -43,6 +43,10 @@ TCP_MAX_SIZE = 65535
 VARIANTS = 4  # differently shuffled renderings kept per cached name
 CACHE_MAX = 10_000
 RECURSOR_TIMEOUT = 2.0
+#: a TCP client gets this long to send its next query (idle) and then the query itself, as
+#: miekg/dns (Consul's DNS server) defaults; a silent client no longer holds a connection.
+TCP_IDLE_TIMEOUT = 8.0
+TCP_READ_TIMEOUT = 2.0
 
 
 @dataclass
@@ -106,8 +110,8 @@ class Responder:
             return None  # a response sent to us: never answer (no reflection loops)
         if query.opcode() != dns.opcode.QUERY:
             return self._reply(query, dns.rcode.NOTIMP)
-        if len(query.question) != 1:
-            return self._reply(query, dns.rcode.FORMERR, count=True)
+        if len(query.question) != 1:  # Consul refuses a query without (one) question
+            return self._reply(query, dns.rcode.REFUSED)
         q = query.question[0]
         size = TCP_MAX_SIZE if limit is None else max(limit, query.payload, UDP_DEFAULT_SIZE)
         if not self.resolver.in_domain(q.name):
@@ -172,7 +176,7 @@ class Responder:
     ) -> bytes:
         if count:
             self.stats.formerr += 1
-        resp = dns.message.make_response(query)
+        resp = dns.message.make_response(query, our_payload=query.payload)
         resp.set_rcode(dns.rcode.Rcode(rcode))
         if recursion:
             resp.flags |= dns.flags.RA
@@ -253,14 +257,16 @@ class DNSServer:
         assert self.responder is not None
         try:
             while True:
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                data = await reader.readexactly(length)
+                async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                async with asyncio.timeout(TCP_READ_TIMEOUT):
+                    data = await reader.readexactly(length)
                 out = await self.responder.respond(data, None)
                 if out is None:
                     break
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, OSError, ConnectionError, asyncio.CancelledError):
+        except (asyncio.IncompleteReadError, OSError, TimeoutError, asyncio.CancelledError):
             pass
         except Exception:  # one bad query must never stop the server: drop this connection
             log.exception("dns.query_failed")
