@@ -2,9 +2,10 @@
 
 Debian's `prometheus` package is built with Consul SD compiled out (bookworm 2.42.0+ds and
 trixie 2.53.3+ds1 alike: "Disable Consul SD until its Debian package is back in shape"; the
-config parser rejects consul_sd_configs), and no upstream build is reachable from here. Debian's `victoria-metrics` package is a Prometheus-compatible scraper that
-has it: the same scrape-config format and __meta_consul_* labels, and the same
-/api/v1/targets API. Its Consul SD asks the agent for /v1/agent/self (the datacenter), then
+config parser rejects consul_sd_configs), and no upstream build is reachable from here.
+Debian's `victoria-metrics` package is a Prometheus-compatible scraper that has it: the same
+scrape-config format and __meta_consul_* labels, and the same /api/v1/targets API. Its Consul
+SD asks the agent for /v1/agent/self (the datacenter),then
 runs blocking queries on /v1/catalog/services and /v1/health/service/<name>.
 
 The registered instances point at real /metrics endpoints on loopback, so targets get scraped
