@@ -5,8 +5,8 @@ trixie 2.53.3+ds1 alike: "Disable Consul SD until its Debian package is back in 
 config parser rejects consul_sd_configs), and no upstream build is reachable from here.
 Debian's `victoria-metrics` package is a Prometheus-compatible scraper that has it: the same
 scrape-config format and __meta_consul_* labels, and the same /api/v1/targets API. Its Consul
-SD asks the agent for /v1/agent/self (the datacenter),then
-runs blocking queries on /v1/catalog/services and /v1/health/service/<name>.
+SD asks the agent for /v1/agent/self (the datacenter), then runs blocking queries on
+/v1/catalog/services and /v1/health/service/<name>.
 
 The registered instances point at real /metrics endpoints on loopback, so targets get scraped
 "up". A critical check must show in __meta_consul_health (the scraper keeps such targets by
