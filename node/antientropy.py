@@ -1,10 +1,16 @@
 """Anti-entropy: keep the catalog's entry for this node equal to what this agent owns.
 
-Runs after every local change and once a minute (Consul's sync interval): services and checks
-registered here but missing or different in the catalog are written, and the catalog's services
-and checks of this node that the agent no longer has are removed (except what the leader
-manages: `serfHealth` and the `consul` service). So a restarted agent, or a write lost to a
-leader change, converges without anyone re-registering.
+Runs at start, after every local change and once a minute (Consul's full-sync interval):
+services and checks registered here but missing or different in the catalog are written, and
+the catalog's services and checks of this node that the agent no longer has are removed (except
+what the leader manages: `serfHealth` and the `consul` service). So a restarted agent, a write
+lost to a leader change, or an entry removed behind the agent's back (`PUT
+/v1/catalog/deregister`) converges without anyone re-registering. A sync that finds no leader
+(or times out) is retried after a second.
+
+A check whose only change is its output, and whose write is deferred (node/local.py,
+check_update_interval), is compared without its output, as Consul's full sync does: the deferred
+write, or a status change, carries the output.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import structlog
 from node.agent import AgentError
 from node.definitions import DefinitionError, load_dir
 from node.leader import CONSUL_SERVICE, SERF_CHECK_ID
-from node.local import LocalState, LocalStateError
+from node.local import CHECK_UPDATE_INTERVAL, LocalState, LocalStateError
 from node.raft.runtime import NoLeader, WriteTimeout
 from node.raft.transport import RPCError
 from node.state import commands as cmd
@@ -39,13 +45,18 @@ RETRY_INTERVAL = 1.0
 class AntiEntropy:
     name = "anti-entropy"
 
-    def __init__(self, agent: Agent, *, scripts: bool = False) -> None:
+    def __init__(self, agent: Agent, *, scripts: bool = False,
+                 sync_interval: float = SYNC_INTERVAL, retry_interval: float = RETRY_INTERVAL,
+                 check_update_interval: float = CHECK_UPDATE_INTERVAL) -> None:  # fmt: skip
         self.agent = agent
+        self.sync_interval = sync_interval
+        self.retry_interval = retry_interval
         path = None
         if agent.config.data_dir is not None:
             path = Path(agent.config.data_dir) / "local-services.json"
         self._wake = asyncio.Event()
-        self.local = LocalState(path, scripts=scripts, on_change=self._wake.set)
+        self.local = LocalState(path, scripts=scripts, on_change=self._wake.set,
+                                check_update_interval=check_update_interval)  # fmt: skip
         self._task: asyncio.Task[None] | None = None
         self._from_files: set[str] = set()
         self.syncs = 0
@@ -68,7 +79,7 @@ class AntiEntropy:
         if directory is None:
             return
         defs = load_dir(Path(directory))
-        scratch = LocalState(None, scripts=self.local.scripts)  # validate everything first
+        scratch = LocalState(None, scripts=self.local.scripts, run_checks=False)  # validation
         for svc in defs.services:
             scratch.add_service(svc)
         for chk in defs.checks:
@@ -107,13 +118,13 @@ class AntiEntropy:
             self._wake.clear()
             try:
                 await self.sync_once()
-                delay = SYNC_INTERVAL
+                delay = self.sync_interval
             except (NoLeader, WriteTimeout, RPCError) as e:
-                log.info("antientropy.sync_deferred", reason=str(e))
-                delay = RETRY_INTERVAL
+                log.info("antientropy.sync_deferred", reason=str(e) or type(e).__name__)
+                delay = self.retry_interval
             except Exception:
                 log.exception("antientropy.sync_failed")
-                delay = RETRY_INTERVAL
+                delay = self.retry_interval
 
     async def sync_once(self) -> int:
         """One pass; returns how many writes it made."""
@@ -135,6 +146,7 @@ class AntiEntropy:
         in_catalog = (catalog.node_services(me) or {}).get("Services", {})
         checks_in_catalog = {c["CheckID"]: c for c in catalog.node_checks(me)}
         fields = ("Status", "Output", "Name", "Notes", "ServiceID", "Type")
+        fields_but_output = tuple(k for k in fields if k != "Output")
 
         def stale_checks(service_id: str, everything: bool) -> list[dict[str, Any]]:
             service_name = self.local.services.get(service_id, {}).get("Service", "")
@@ -144,7 +156,8 @@ class AntiEntropy:
                     continue
                 want = chk.catalog(me, service_name)
                 have = checks_in_catalog.get(cid)
-                if everything or have is None or any(have.get(k) != want[k] for k in fields):
+                compared = fields_but_output if chk.output_pending else fields
+                if everything or have is None or any(have.get(k) != want[k] for k in compared):
                     out.append(want)
             return out
 

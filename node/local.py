@@ -3,17 +3,24 @@ they survive a restart, and their check runners. Anti-entropy (node/antientropy.
 replicated catalog equal to this.
 
 Consul's rules: a service's checks are named `service:<id>` (or `service:<id>:<n>` when it has
-several); a TTL check starts critical and turns critical again when its TTL passes without an
-update; HTTP and TCP checks run every Interval with a Timeout; script checks run only with
---enable-script-checks.
+several) and `Service '<name>' check`; a TTL check starts critical and turns critical again
+when its TTL passes without an update; HTTP and TCP checks run every Interval with a Timeout;
+script checks run only with --enable-script-checks. `Connect.SidecarService` is registration
+sugar: it registers a second service `<id>-sidecar-proxy` (kind connect-proxy, a port from
+21000-21255 unless given) and is not kept on the parent. A check whose output changes but not
+its status is written to the catalog at most every `check_update_interval` (Consul's
+check_update_interval, 5 minutes), so a check that prints a timestamp does not rewrite the
+catalog, and wake every blocking query, on each run; a status change is written at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,101 +28,295 @@ from typing import Any
 
 import structlog
 
-from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec, field
+from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec, field, fold
 from node.checks.probes import probe
 from node.state import commands as cmd
-from node.state.commands import SERVICE_SPEC
+from node.state.commands import CHECK_STATUSES, SERVICE_SPEC
 
-__all__ = ["LocalState", "LocalStateError"]
+__all__ = ["CHECK_UPDATE_INTERVAL", "SIDECAR_SUFFIX", "LocalState", "LocalStateError"]
 
 log = structlog.get_logger("node.local")
 
+CHECK_UPDATE_INTERVAL = 300.0  # Consul's check_update_interval default
+SIDECAR_SUFFIX = "-sidecar-proxy"
+SIDECAR_PORTS = range(21000, 21256)  # Consul's connect.sidecar_min_port..sidecar_max_port
+
+# The nested objects Consul decodes into structs, so their keys come back in Consul's spelling
+# whatever case or snake_case they were sent in. None: a leaf (or an opaque map such as
+# Proxy.Config) kept as given; [shape]: a list of shape. Unknown keys are kept as given.
+Shape = dict[str, Any] | list[Any] | None
+_MESH_GATEWAY: Shape = {"Mode": None}
+_UPSTREAM: Shape = {
+    k: None for k in ("DestinationType", "DestinationNamespace", "DestinationPartition",
+                      "DestinationPeer", "DestinationName", "Datacenter", "LocalBindAddress",
+                      "LocalBindPort", "LocalBindSocketPath", "LocalBindSocketMode", "Config",
+                      "CentrallyConfigured")
+} | {"MeshGateway": _MESH_GATEWAY}  # fmt: skip
+_PROXY: Shape = {
+    k: None for k in ("DestinationServiceName", "DestinationServiceID", "LocalServiceAddress",
+                      "LocalServicePort", "LocalServiceSocketPath", "Mode", "Config",
+                      "AccessLogs")
+} | {
+    "Upstreams": [_UPSTREAM],
+    "MeshGateway": _MESH_GATEWAY,
+    "Expose": {"Checks": None,
+               "Paths": [{"ListenerPort": None, "Path": None, "LocalPathPort": None,
+                          "Protocol": None}]},
+    "TransparentProxy": {"OutboundListenerPort": None, "DialedDirectly": None},
+}  # fmt: skip
+_CONNECT: Shape = {"Native": None, "SidecarService": None}
+_LOCALITY: Shape = {"Region": None, "Zone": None}
+_TAGGED_ADDRESS: Shape = {"Address": None, "Port": None}
+
 
 class LocalStateError(ValueError):
-    """A registration the agent refuses; the message names the field."""
+    """A registration the agent refuses; the message (Consul's where known) is the 400 body."""
 
 
-def _mapping(raw: Any, field: str) -> dict[str, Any]:
+def _canonical(raw: Any, shape: Shape, where: str) -> Any:
+    if shape is None or raw is None:
+        return raw
+    if isinstance(shape, list):
+        if not isinstance(raw, list):
+            raise LocalStateError(f"Invalid service: {where} must be a list")
+        return [_canonical(x, shape[0], f"{where}[{i}]") for i, x in enumerate(raw)]
+    if not isinstance(raw, dict):
+        raise LocalStateError(f"Invalid service: {where} must be an object")
+    names = {fold(k): k for k in shape}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        canon = names.get(fold(key))
+        if canon is None:
+            out[key] = value
+        else:
+            out[canon] = _canonical(value, shape[canon], f"{where}.{canon}")
+    return out
+
+
+def _mapping(raw: Any, name: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise LocalStateError(f"{field} must be an object")
+        raise LocalStateError(f"Invalid service: {name} must be an object")
     return dict(raw)
+
+
+def _is_any(address: str) -> bool:
+    """Consul's ipaddr.IsAny: 0.0.0.0 or :: (also as [::]) cannot be dialed by anyone."""
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def _tagged_addresses(raw: Any) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in _mapping(raw, "TaggedAddresses").items():
+        addr = _canonical(value, _TAGGED_ADDRESS, f"TaggedAddresses.{name}")
+        address, port = addr.get("Address", ""), addr.get("Port", 0)
+        if not isinstance(address, str) or type(port) is not int or not 0 <= port <= 65535:
+            raise LocalStateError(f"Invalid service: TaggedAddresses.{name} needs a string "
+                                  "Address and a Port in 0-65535")  # fmt: skip
+        if _is_any(address):
+            raise LocalStateError("Invalid service address")
+        version = {"lan_ipv4": 4, "wan_ipv4": 4, "lan_ipv6": 6, "wan_ipv6": 6}.get(name)
+        if version is not None:
+            try:
+                ok = ipaddress.ip_address(address).version == version
+            except ValueError:
+                ok = False
+            if not ok:
+                raise LocalStateError(f"Service tagged address {name!r} must be a valid "
+                                      f"ipv{version} address")  # fmt: skip
+        out[str(name)] = {**addr, "Address": address, "Port": port}
+    return out
+
+
+def _parse_service(obj: Any, *, sidecar: bool = False) -> tuple[dict[str, Any], list[Any], Any]:
+    """A service definition -> (the service in SERVICE_SPEC fields, its raw checks, the raw
+    Connect.SidecarService or None). A sidecar may leave out what it inherits."""
+    if not isinstance(obj, dict):
+        raise LocalStateError("Invalid service: the service must be a JSON object")
+    name = field(obj, "Name") or field(obj, "Service") or ""
+    if not isinstance(name, str) or (not name and not sidecar):
+        raise LocalStateError("Missing service name")
+    sid = field(obj, "ID") or name
+    port = field(obj, "Port", 0)
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise LocalStateError(f"Invalid service: invalid Port {port!r}")
+    tags = field(obj, "Tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise LocalStateError("Invalid service: Tags must be a list of strings")
+    address = field(obj, "Address") or ""
+    socket_path = field(obj, "SocketPath") or ""
+    kind = field(obj, "Kind") or ""
+    if not all(isinstance(x, str) for x in (sid, address, socket_path, kind)):
+        raise LocalStateError("Invalid service: ID, Address, SocketPath and Kind are strings")
+    if _is_any(address):
+        raise LocalStateError("Invalid service address")
+    connect = _canonical(field(obj, "Connect"), _CONNECT, "Connect")
+    sidecar_def = None
+    if connect is not None:
+        sidecar_def = connect.pop("SidecarService", None)
+        if sidecar_def is not None and sidecar:
+            raise LocalStateError("Invalid SidecarService: a sidecar service cannot have a "
+                                  "nested SidecarService")  # fmt: skip
+        connect = connect or None  # the sidecar was sugar: nothing of it stays on the parent
+    weights = _mapping(field(obj, "Weights"), "Weights")
+    passing, warning = field(weights, "Passing", 1), field(weights, "Warning", 1)
+    if not (type(passing) is int and passing >= 1 and type(warning) is int and warning >= 0):
+        raise LocalStateError("Invalid Weights: Passing must be >= 1 and Warning >= 0")
+    svc: dict[str, Any] = {
+        "ID": sid, "Service": name, "Tags": tags, "Port": port, "Address": address,
+        "TaggedAddresses": _tagged_addresses(field(obj, "TaggedAddresses")),
+        "SocketPath": socket_path,
+        "Meta": _mapping(field(obj, "Meta"), "Meta"),
+        "Weights": {"Passing": passing, "Warning": warning},
+        "EnableTagOverride": bool(field(obj, "EnableTagOverride", False)),
+        "Kind": kind,
+        "Proxy": _canonical(field(obj, "Proxy"), _PROXY, "Proxy"),
+        "Connect": connect,
+        "Locality": _canonical(field(obj, "Locality"), _LOCALITY, "Locality"),
+    }  # fmt: skip
+    unknown = set(svc) - set(SERVICE_SPEC)
+    assert not unknown, unknown
+    checks = field(obj, "Checks") or []
+    if not isinstance(checks, list):
+        raise LocalStateError("Invalid check: Checks must be a list of checks")
+    checks = list(checks)
+    if field(obj, "Check"):
+        checks.insert(0, field(obj, "Check"))
+    return svc, checks, sidecar_def
+
+
+def _running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _validate_for_catalog(svc: dict[str, Any]) -> None:
+    try:  # the catalog's own rules, so anti-entropy can always write what was accepted
+        cmd.register("validate", "127.0.0.1", service=svc, now=0.0)
+    except cmd.CommandError as e:
+        raise LocalStateError("Validation failed: " + str(e).split(": ", 1)[-1]) from None
 
 
 class LocalState:
     """Services and checks of this agent; `changed` fires whenever the catalog must follow."""
 
     def __init__(self, path: Path | None, *, scripts: bool = False,
-                 on_change: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+                 on_change: Callable[[], None] = lambda: None,
+                 check_update_interval: float = CHECK_UPDATE_INTERVAL,
+                 run_checks: bool = True) -> None:  # fmt: skip
+        """run_checks=False: a scratch copy that only validates (it must not probe anything)."""
         self.path = path
         self.scripts = scripts
+        self.run_checks = run_checks
         self.on_change = on_change
+        self.check_update_interval = check_update_interval
         self.services: dict[str, dict[str, Any]] = {}
         self.checks: dict[str, CheckSpec] = {}
+        self.sidecars: set[str] = set()  # services registered as another's SidecarService
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._waiters: set[asyncio.Future[None]] = set()
 
     # -- registration ---------------------------------------------------------------------------
 
     def add_service(self, obj: Any, *, replace_checks: bool = False) -> str:
-        if not isinstance(obj, dict):
-            raise LocalStateError("the service must be a JSON object")
-        name = field(obj, "Name") or field(obj, "Service")
-        if not isinstance(name, str) or not name:
-            raise LocalStateError("Missing service name")
-        sid = str(field(obj, "ID") or name)
-        port = field(obj, "Port", 0)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-            raise LocalStateError(f"invalid Port {port!r}")
-        tags = field(obj, "Tags") or []
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise LocalStateError("Tags must be a list of strings")
-        svc: dict[str, Any] = {
-            "ID": sid, "Service": name, "Tags": tags, "Port": port,
-            "Address": str(field(obj, "Address") or ""),
-            "Meta": _mapping(field(obj, "Meta"), "Meta"),
-            "Weights": _mapping(field(obj, "Weights"), "Weights"),
-            "EnableTagOverride": bool(field(obj, "EnableTagOverride", False)),
-            "Kind": str(field(obj, "Kind") or ""),
-            "Proxy": field(obj, "Proxy"),
-            "Connect": field(obj, "Connect"),
-        }  # fmt: skip
-        unknown = set(svc) - set(SERVICE_SPEC)
-        assert not unknown, unknown
-        try:  # the catalog's own rules, so anti-entropy can always write what was accepted
-            cmd.register("validate", "127.0.0.1", service=svc, now=0.0)
-        except cmd.CommandError as e:
-            raise LocalStateError(str(e).split(": ", 1)[-1]) from None
-        passing, warning = svc["Weights"].get("Passing", 1), svc["Weights"].get("Warning", 1)
-        if not (type(passing) is int and passing >= 1 and type(warning) is int and warning >= 0):
-            raise LocalStateError("Invalid Weights: Passing must be >= 1 and Warning >= 0")
-        svc["Weights"] = {"Passing": passing, "Warning": warning}
-        raw_checks = field(obj, "Checks") or []
-        if not isinstance(raw_checks, list):
-            raise LocalStateError("Checks must be a list of checks")
-        raw_checks = list(raw_checks)
-        if field(obj, "Check"):
-            raw_checks.insert(0, field(obj, "Check"))
-        checks = []
-        for i, c in enumerate(raw_checks):
-            default = f"service:{sid}" if len(raw_checks) == 1 else f"service:{sid}:{i + 1}"
-            checks.append(self._check(c, service_id=sid, default_id=default))
+        svc, raw_checks, sidecar_def = _parse_service(obj)
+        _validate_for_catalog(svc)
+        checks = self._service_checks(svc, raw_checks)
+        sidecar = None
+        if sidecar_def is not None:
+            sidecar = self._sidecar(svc, sidecar_def)
+        self._put_service(svc, checks, replace_checks)
+        if sidecar is not None:
+            self._put_service(*sidecar, replace_checks)
+            self.sidecars.add(sidecar[0]["ID"])
+        self._changed()
+        return str(svc["ID"])
+
+    def _service_checks(self, svc: dict[str, Any], raw: list[Any]) -> list[CheckSpec]:
+        sid, name = svc["ID"], svc["Service"]
+        out = []
+        for i, c in enumerate(raw):
+            default = f"service:{sid}" if len(raw) == 1 else f"service:{sid}:{i + 1}"
+            out.append(self._check(c, service_id=sid, default_id=default,
+                                   default_name=f"Service '{name}' check"))  # fmt: skip
+        return out
+
+    def _sidecar(self, parent: dict[str, Any],
+                 definition: Any) -> tuple[dict[str, Any], list[CheckSpec]]:  # fmt: skip
+        """Consul's sidecarServiceFromNodeService: what the sidecar leaves out it inherits
+        from the service it fronts."""
+        try:
+            svc, raw_checks, _ = _parse_service(definition, sidecar=True)
+        except LocalStateError as e:
+            raise LocalStateError(f"Invalid SidecarService: {e}") from None
+        sid = parent["ID"] + SIDECAR_SUFFIX
+        svc["ID"] = sid
+        svc["Service"] = svc["Service"] or parent["Service"] + SIDECAR_SUFFIX
+        svc["Kind"] = svc["Kind"] or "connect-proxy"
+        svc["Address"] = svc["Address"] or parent["Address"]
+        svc["Tags"] = svc["Tags"] or list(parent["Tags"])
+        svc["Meta"] = svc["Meta"] or dict(parent["Meta"])
+        proxy = dict(svc["Proxy"] or {})
+        proxy.setdefault("DestinationServiceName", parent["Service"])
+        proxy.setdefault("DestinationServiceID", parent["ID"])
+        if not proxy.get("LocalServiceSocketPath") and (
+            not proxy.get("LocalServiceAddress") or not proxy.get("LocalServicePort")
+        ):
+            if parent["SocketPath"]:
+                proxy["LocalServiceSocketPath"] = parent["SocketPath"]
+            else:
+                proxy["LocalServiceAddress"] = proxy.get("LocalServiceAddress") or "127.0.0.1"
+                proxy["LocalServicePort"] = proxy.get("LocalServicePort") or parent["Port"]
+        svc["Proxy"] = proxy
+        if svc["Port"] < 1:
+            svc["Port"] = self._sidecar_port(sid)
+        _validate_for_catalog(svc)
+        if not raw_checks:  # Consul's default: is the proxy listening?
+            host = svc["Address"] or proxy.get("LocalServiceAddress") or "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
+            raw_checks = [{"CheckID": f"service:{sid}:1", "Name": "Connect Sidecar Listening",
+                           "TCP": f"{host}:{svc['Port']}", "Interval": "10s"}]  # fmt: skip
+        return svc, self._service_checks(svc, raw_checks)
+
+    def _sidecar_port(self, sid: str) -> int:
+        """The lowest free port of the range; a re-registered sidecar keeps its port."""
+        current = self.services.get(sid, {}).get("Port")
+        if isinstance(current, int) and current in SIDECAR_PORTS:
+            return current
+        used = {s["Port"] for s in self.services.values()}
+        port = next((p for p in SIDECAR_PORTS if p not in used), None)
+        if port is None:
+            raise LocalStateError("Invalid SidecarService: no port provided for "
+                                  "sidecar_service and none left in the configured range "
+                                  f"[{SIDECAR_PORTS[0]}, {SIDECAR_PORTS[-1]}]")  # fmt: skip
+        return port
+
+    def _put_service(self, svc: dict[str, Any], checks: list[CheckSpec],
+                     replace_checks: bool) -> None:  # fmt: skip
+        sid = svc["ID"]
         if replace_checks:
             for cid in [k for k, c in self.checks.items() if c.service_id == sid]:
                 self._drop_check(cid)
         self.services[sid] = svc
         for chk in checks:
             self._put_check(chk)
-        self._changed()
-        return sid
 
     def remove_service(self, sid: str) -> bool:
         if sid not in self.services:
             return False
         del self.services[sid]
+        self.sidecars.discard(sid)
         for cid in [k for k, c in self.checks.items() if c.service_id == sid]:
             self._drop_check(cid)
+        if sid + SIDECAR_SUFFIX in self.sidecars:  # Consul's removeServiceSidecars
+            self.remove_service(sid + SIDECAR_SUFFIX)
         self._changed()
         return True
 
@@ -123,7 +324,7 @@ class LocalState:
         try:
             return CheckSpec(obj, scripts=self.scripts, **kw)
         except CheckError as e:
-            raise LocalStateError(str(e)) from None
+            raise LocalStateError(f"Invalid check: {e}") from None
 
     def add_check(self, obj: Any) -> str:
         chk = self._check(obj)
@@ -144,14 +345,40 @@ class LocalState:
         chk = self.checks.get(cid)
         if chk is None:
             raise KeyError(cid)
+        if status not in CHECK_STATUSES:
+            raise LocalStateError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
         if chk.ttl:
             chk.ttl_deadline = time.monotonic() + chk.ttl
             self._restart(chk)  # its timer now ends at the new deadline, to the millisecond
-        if (chk.status, chk.output) != (status, output[:MAX_OUTPUT]):
-            try:
-                chk.set(status, output)
-            except CheckError as e:
-                raise LocalStateError(str(e)) from None
+        self._update(chk, status, output)
+
+    def _update(self, chk: CheckSpec, status: str, output: str) -> None:
+        """Consul's UpdateCheck: a status change is synced at once (with the latest output);
+        an output-only change waits for check_update_interval (half of it plus up to all of
+        it, staggered as Consul does) unless a status change carries it first. Unlike Consul,
+        a check's first result is written at once even when its status stays the initial
+        critical, so a failing check's output does not wait minutes to be seen."""
+        output = output[:MAX_OUTPUT]
+        first, chk.reported = not chk.reported, True
+        if (status, output) == (chk.status, chk.output):
+            return
+        if status == chk.status and not first and self.check_update_interval > 0 and _running():
+            chk.output = output
+            if chk.deferred is None:
+                d = self.check_update_interval
+                chk.deferred = asyncio.get_running_loop().call_later(
+                    d / 2 + random.uniform(0, d), self._deferred_due, chk
+                )
+            return
+        if chk.deferred is not None:
+            chk.deferred.cancel()
+            chk.deferred = None
+        chk.set(status, output)
+        self._changed()
+
+    def _deferred_due(self, chk: CheckSpec) -> None:
+        chk.deferred = None
+        if self.checks.get(chk.id) is chk:
             self._changed()
 
     # -- runners --------------------------------------------------------------------------------
@@ -163,6 +390,10 @@ class LocalState:
     async def stop(self) -> None:
         tasks = list(self._runners.values())
         self._runners.clear()
+        for chk in self.checks.values():
+            if chk.deferred is not None:
+                chk.deferred.cancel()
+                chk.deferred = None
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -182,15 +413,16 @@ class LocalState:
         self._run(chk)
 
     def _drop_check(self, cid: str) -> None:
-        self.checks.pop(cid, None)
+        chk = self.checks.pop(cid, None)
+        if chk is not None and chk.deferred is not None:
+            chk.deferred.cancel()
+            chk.deferred = None
         task = self._runners.pop(cid, None)
         if task is not None:
             task.cancel()
 
     def _run(self, chk: CheckSpec) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
+        if not self.run_checks or not _running():
             return  # loaded before the agent runs: start() launches it
         if chk.id not in self._runners:
             self._runners[chk.id] = asyncio.create_task(self._runner(chk), name=f"check-{chk.id}")
@@ -201,16 +433,13 @@ class LocalState:
         while True:
             if chk.kind in ("http", "tcp", "script"):
                 status, output = await probe(chk)
-                if (status, output) != (chk.status, chk.output):
-                    chk.set(status, output)
-                    self._changed()
+                self._update(chk, status, output)
                 await asyncio.sleep(chk.interval)
             elif chk.kind == "ttl" and chk.ttl_deadline > time.monotonic():
                 await asyncio.sleep(chk.ttl_deadline - time.monotonic())
                 if chk.status != "critical":  # Consul's wording, the last output kept
-                    chk.set("critical", "TTL expired (last output before timeout follows): "
-                                        + chk.output)  # fmt: skip
-                    self._changed()
+                    self._update(chk, "critical", "TTL expired (last output before timeout "
+                                                  "follows): " + chk.output)  # fmt: skip
             else:  # an expired TTL: nothing to do until an update or the reap
                 reap_in = chk.deregister_after - (time.monotonic() - chk.critical_since)
                 await asyncio.sleep(max(0.01, reap_in) if chk.deregister_after and
@@ -251,6 +480,7 @@ class LocalState:
             "services": list(self.services.values()),
             "checks": [c.definition | {"CheckID": c.id, "ServiceID": c.service_id}
                        for c in self.checks.values()],
+            "sidecars": sorted(self.sidecars),
         }  # fmt: skip
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
@@ -262,11 +492,13 @@ class LocalState:
         try:
             data = json.loads(self.path.read_text())
             services, checks = data["services"], data["checks"]
+            sidecars = set(data.get("sidecars", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("local.state_unreadable", path=str(self.path), error=str(e))
             return
         for svc in services:
-            self.services[svc["ID"]] = svc
+            self.services[svc["ID"]] = {k: v for k, v in svc.items() if k in SERVICE_SPEC}
+        self.sidecars = sidecars & set(self.services)
         for c in checks:
             with contextlib.suppress(LocalStateError):
                 chk = self._check(c)

@@ -1,9 +1,12 @@
 """/v1/agent/service* and /v1/agent/check* on a one-node agent, with the check runners and
-anti-entropy carrying everything into the catalog (fake gossip, real Raft and HTTP)."""
+anti-entropy carrying everything into the catalog (fake gossip, real Raft and HTTP); the tests
+marked cluster drive real `meshnode agent` processes."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -18,27 +21,62 @@ from node.agent import Agent
 from node.antientropy import AntiEntropy
 from node.consensus import Consensus
 from node.local import LocalState
+from node.raft.runtime import NoLeader
+from tests.harness.agents import AgentProc, wait_until
 from tests.test_http_api import FakeRuntime, FakeWorld, make_config
+
+AgentMaker = Callable[..., Awaitable[Agent]]
 
 
 @pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    a = Agent(make_config(tmp_path, dev=True, server_port=0),
-              runtime_factory=partial(FakeRuntime, FakeWorld()))  # fmt: skip
-    a.add_component(Consensus(a))
-    a.add_component(AntiEntropy(a))
-    await a.start()
+async def make_agent(tmp_path: Path) -> AsyncIterator[AgentMaker]:
+    """A started one-node agent; keyword arguments go to its AntiEntropy."""
+    started: list[Agent] = []
+
+    async def make(**anti_entropy: Any) -> Agent:
+        a = Agent(make_config(tmp_path, dev=True, server_port=0),
+                  runtime_factory=partial(FakeRuntime, FakeWorld()))  # fmt: skip
+        a.add_component(Consensus(a))
+        a.add_component(AntiEntropy(a, **anti_entropy))
+        await a.start()
+        started.append(a)
+        return a
+
     try:
-        yield a
+        yield make
     finally:
-        await a.stop()
+        for a in started:
+            await a.stop()
+
+
+@pytest.fixture
+async def agent(make_agent: AgentMaker) -> Agent:
+    return await make_agent()
+
+
+def client(agent: Agent) -> aiohttp.ClientSession:
+    assert agent.http is not None
+    return aiohttp.ClientSession(f"http://127.0.0.1:{agent.http.port}")
 
 
 @pytest.fixture
 async def http(agent: Agent) -> AsyncIterator[aiohttp.ClientSession]:
-    assert agent.http is not None
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{agent.http.port}") as s:
+    async with client(agent) as s:
         yield s
+
+
+def anti_entropy(agent: Agent) -> AntiEntropy:
+    return next(c for c in agent.components if isinstance(c, AntiEntropy))
+
+
+async def within(pred: Callable[[], Awaitable[bool]], limit: float) -> float:
+    """Poll pred every 10 ms; fail unless it holds within `limit` s; return how long it took."""
+    start = time.monotonic()
+    while not await pred():
+        if time.monotonic() - start > limit:
+            pytest.fail(f"condition not reached within {limit} s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
 
 
 async def put(http: aiohttp.ClientSession, path: str, body: Any = None) -> tuple[int, str]:
@@ -121,15 +159,16 @@ async def test_http_and_tcp_checks_follow_the_target(http: aiohttp.ClientSession
 
         await eventually(lambda: statuses({"service:web:1": "passing",
                                            "service:web:2": "passing"}))  # fmt: skip
+        # a status change reaches the catalog within one interval (200ms is clamped to 1 s)
         healthy["ok"] = False
-        await eventually(lambda: statuses({"service:web:1": "critical",
-                                           "service:web:2": "passing"}))  # fmt: skip
+        await within(lambda: statuses({"service:web:1": "critical",
+                                       "service:web:2": "passing"}), 1.0 + 0.5)  # fmt: skip
         out = (await get(http, "/v1/agent/checks"))["service:web:1"]["Output"]
         assert "503" in out
     finally:
         await runner.cleanup()
-    await eventually(lambda: statuses({"service:web:1": "critical",
-                                       "service:web:2": "critical"}))  # fmt: skip
+    await within(lambda: statuses({"service:web:1": "critical",
+                                   "service:web:2": "critical"}), 1.0 + 0.5)  # fmt: skip
 
 
 async def test_anti_entropy_repairs_the_catalog_and_state_survives_a_restart(
@@ -247,3 +286,384 @@ async def test_service_read_blocks_on_its_content_hash(http: aiohttp.ClientSessi
     assert not gone.done()
     assert await put(http, "/v1/agent/service/deregister/hb") == (200, "")
     assert await asyncio.wait_for(gone, 2) == 404  # a deregistration ends the wait
+
+
+async def test_registration_keeps_what_consul_keeps_in_any_key_case(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    """TaggedAddresses, SocketPath, Locality, Weights and EnableTagOverride survive into the
+    agent view and the catalog, sent in snake_case as py-consul and config files do."""
+    body = {
+        "name": "web", "id": "web-1", "port": 8080, "address": "10.0.0.5",
+        "enable_tag_override": True, "socket_path": "/run/web.sock",
+        "tagged_addresses": {"lan_ipv4": {"address": "10.0.0.5", "port": 8080},
+                             "wan": {"address": "198.18.0.5", "port": 80}},
+        "locality": {"region": "eu-west", "zone": "a"},
+        "weights": {"passing": 3, "warning": 2},
+    }  # fmt: skip
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    tagged = {"lan_ipv4": {"Address": "10.0.0.5", "Port": 8080},
+              "wan": {"Address": "198.18.0.5", "Port": 80}}  # fmt: skip
+    svc = await get(http, "/v1/agent/service/web-1")
+    assert svc["TaggedAddresses"] == tagged
+    assert (svc["EnableTagOverride"], svc["SocketPath"]) == (True, "/run/web.sock")
+    assert svc["Locality"] == {"Region": "eu-west", "Zone": "a"}
+    assert svc["Weights"] == {"Passing": 3, "Warning": 2}
+
+    async def in_catalog() -> bool:
+        return bool(await get(http, "/v1/catalog/service/web"))
+
+    await eventually(in_catalog)
+    [entry] = await get(http, "/v1/catalog/service/web")
+    assert entry["ServiceTaggedAddresses"] == tagged
+    assert (entry["ServiceEnableTagOverride"], entry["ServiceSocketPath"]) == (
+        True, "/run/web.sock",
+    )  # fmt: skip
+    assert entry["ServiceLocality"] == {"Region": "eu-west", "Zone": "a"}
+    assert entry["ServiceWeights"] == {"Passing": 3, "Warning": 2}
+    [health] = await get(http, "/v1/health/service/web")
+    assert health["Service"]["TaggedAddresses"] == tagged
+    assert await anti_entropy(agent).sync_once() == 0  # the catalog equals the agent's view
+
+    # an address nobody can dial is refused, as Consul does; nothing is registered
+    for address in ("0.0.0.0", "::", "[::]"):
+        assert await put(http, "/v1/agent/service/register", {"Name": "any", "Address": address}
+                         ) == (400, "Invalid service address")  # fmt: skip
+    bad_tagged = {"Name": "any", "TaggedAddresses": {"wan_ipv4": {"Address": "::1", "Port": 1}}}
+    status, msg = await put(http, "/v1/agent/service/register", bad_tagged)
+    assert (status, msg) == (400, "Service tagged address 'wan_ipv4' must be a valid ipv4 address")
+    assert set(await get(http, "/v1/agent/services")) == {"web-1"}
+    plain = await put(http, "/v1/agent/service/register", {"Name": "plain"})
+    assert plain == (200, "")
+    assert "TaggedAddresses" not in await get(http, "/v1/agent/service/plain")  # omitempty
+
+
+async def test_default_check_names_are_consuls(http: aiohttp.ClientSession) -> None:
+    body = {"Name": "api", "ID": "api-1",
+            "Checks": [{"TTL": "30s"}, {"TTL": "30s", "Name": "mine"}]}  # fmt: skip
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    checks = await get(http, "/v1/agent/checks")
+    assert checks["service:api-1:1"]["Name"] == "Service 'api' check"
+    assert checks["service:api-1:2"]["Name"] == "mine"
+
+    async def named() -> bool:
+        got = {c["CheckID"]: c["Name"] for c in await get(http, "/v1/health/checks/api")}
+        return got == {"service:api-1:1": "Service 'api' check", "service:api-1:2": "mine"}
+
+    await eventually(named)
+
+
+async def test_a_sidecar_service_is_registered_beside_its_service(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Consul's Connect.SidecarService: sugar for a second service `<id>-sidecar-proxy` (kind
+    connect-proxy, a port from 21000 unless given, the rest inherited), not kept on the
+    service it fronts; deregistering the service removes its sidecar."""
+    body = {
+        "name": "web",
+        "port": 8080,
+        "tags": ["v1"],
+        "connect": {
+            "sidecar_service": {
+                "proxy": {"upstreams": [{"destination_name": "db", "local_bind_port": 9191}]}
+            }
+        },
+    }
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    assert (await get(http, "/v1/agent/service/web"))["Connect"] is None
+    sidecar = await get(http, "/v1/agent/service/web-sidecar-proxy")
+    assert (sidecar["Service"], sidecar["Kind"], sidecar["Port"], sidecar["Tags"]) == (
+        "web-sidecar-proxy", "connect-proxy", 21000, ["v1"],
+    )  # fmt: skip
+    assert sidecar["Proxy"] == {
+        "DestinationServiceName": "web", "DestinationServiceID": "web",
+        "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 8080,
+        "Upstreams": [{"DestinationName": "db", "LocalBindPort": 9191}],
+    }  # fmt: skip
+    checks = await get(http, "/v1/agent/checks")
+    listening = checks["service:web-sidecar-proxy:1"]
+    assert (listening["Name"], listening["Type"]) == ("Connect Sidecar Listening", "tcp")
+
+    # one given as a full definition appears as given; a native service keeps its Connect
+    own = {"Name": "api", "Port": 9000, "Connect": {"Native": True, "SidecarService": {
+        "Port": 21555, "Meta": {"team": "x"},
+        "Checks": [{"Name": "proxy up", "TTL": "30s", "Status": "passing"}]}}}  # fmt: skip
+    assert await put(http, "/v1/agent/service/register", own) == (200, "")
+    assert (await get(http, "/v1/agent/service/api"))["Connect"] == {"Native": True}
+    api_sidecar = await get(http, "/v1/agent/service/api-sidecar-proxy")
+    assert (api_sidecar["Port"], api_sidecar["Meta"]) == (21555, {"team": "x"})
+    assert (await get(http, "/v1/agent/checks"))["service:api-sidecar-proxy"]["Name"] == (
+        "proxy up"
+    )  # fmt: skip
+
+    async def catalog_sidecar() -> bool:
+        found = await get(http, "/v1/catalog/service/web-sidecar-proxy")
+        return bool(found) and found[0]["ServiceKind"] == "connect-proxy"
+
+    await eventually(catalog_sidecar)
+    [entry] = await get(http, "/v1/catalog/service/web-sidecar-proxy")
+    assert entry["ServicePort"] == 21000 and entry["ServiceProxy"] == sidecar["Proxy"]
+    # re-registering keeps the sidecar's port; another service's sidecar gets the next one
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    assert (await get(http, "/v1/agent/service/web-sidecar-proxy"))["Port"] == 21000
+    other = {"Name": "cache", "Connect": {"SidecarService": {}}}
+    assert await put(http, "/v1/agent/service/register", other) == (200, "")
+    assert (await get(http, "/v1/agent/service/cache-sidecar-proxy"))["Port"] == 21001
+
+    nested = {"Name": "n", "Connect": {"SidecarService": {"Connect": {"SidecarService": {}}}}}
+    status, msg = await put(http, "/v1/agent/service/register", nested)
+    assert status == 400 and msg.startswith("Invalid SidecarService")
+    assert await put(http, "/v1/agent/service/deregister/web") == (200, "")
+    assert "web-sidecar-proxy" not in await get(http, "/v1/agent/services")
+    await eventually(lambda: _no_service(http, "web-sidecar-proxy"))
+
+
+async def test_script_checks_run_in_an_agent_that_allows_them(make_agent: AgentMaker) -> None:
+    """Exit 0/1/2 are passing/warning/critical, stdout is the Output in the agent's view and
+    in the catalog, and a Timeout makes the check critical."""
+    agent = await make_agent(scripts=True)
+
+    def script(code: str) -> list[str]:
+        return [sys.executable, "-c", f"import sys, time; {code}"]
+
+    body = {"Name": "scripted", "Checks": [
+        {"Args": script("print('all good')"), "Interval": "1s"},
+        {"Args": script("print('so-so'); sys.exit(1)"), "Interval": "1s"},
+        {"Args": script("print('broken'); sys.exit(2)"), "Interval": "1s"},
+        {"Args": script("print('starting', flush=True); time.sleep(30)"), "Interval": "1s",
+         "Timeout": "500ms"},
+    ]}  # fmt: skip
+    want = {
+        "service:scripted:1": ("passing", "all good\n"),
+        "service:scripted:2": ("warning", "so-so\n"),
+        "service:scripted:3": ("critical", "broken\n"),
+        "service:scripted:4": ("critical", "Timed out (500ms) running check\n\nstarting\n"),
+    }
+    async with client(agent) as http:
+        assert await put(http, "/v1/agent/service/register", body) == (200, "")
+
+        async def agent_view() -> bool:
+            got = await get(http, "/v1/agent/checks")
+            return {k: (v["Status"], v["Output"]) for k, v in got.items()} == want
+
+        async def catalog_view() -> bool:
+            got = await get(http, "/v1/health/checks/scripted")
+            return {c["CheckID"]: (c["Status"], c["Output"]) for c in got} == want
+
+        await within(agent_view, 5.0)  # each runs at once, the timeout after 0.5 s
+        await within(catalog_view, 1.0)
+
+
+async def test_an_http_check_of_the_agent_itself_passes_within_1_5_s(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    """py-consul's suite points an HTTP check at the agent's own address, Interval 1s, and
+    expects it passing in the catalog within 1.5 s [T]."""
+    assert agent.http is not None
+    url = f"http://127.0.0.1:{agent.http.port}/v1/agent/self"
+    body = {"Name": "selfie", "Check": {"HTTP": url, "Interval": "1s"}}
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+
+    async def passing() -> bool:
+        return await catalog_checks(http, "selfie") == {"service:selfie": "passing"}
+
+    await within(passing, 1.5)
+
+
+async def test_a_registration_is_in_health_within_200_ms(http: aiohttp.ClientSession) -> None:
+    """py-consul's tests read /v1/health/service 40-200 ms after registering [T]; the median
+    of a few runs keeps a loaded machine from deciding."""
+    took = []
+    for i in range(5):
+        body = {"Name": f"quick{i}", "Port": 80, "Check": {"TTL": "30s"}}
+        assert await put(http, "/v1/agent/service/register", body) == (200, "")
+
+        async def listed(name: str = f"quick{i}") -> bool:
+            return len(await get(http, f"/v1/health/service/{name}")) == 1
+
+        took.append(await within(listed, 5.0))
+    assert statistics.median(took) < 0.2, took
+
+
+async def test_periodic_sync_restores_what_was_removed_behind_the_agents_back(
+    make_agent: AgentMaker,
+) -> None:
+    """Consul's full sync: an entry removed with /v1/catalog/deregister (a service, then the
+    whole node) comes back on the next periodic sync, without any local change."""
+    agent = await make_agent(sync_interval=0.5)
+    ae = anti_entropy(agent)
+    async with client(agent) as http:
+        body = {"Name": "db", "Port": 5432, "Check": {"TTL": "30s", "Status": "passing"}}
+        assert await put(http, "/v1/agent/service/register", body) == (200, "")
+        await eventually(lambda: _has_service(http, "db"))
+        for removal in ({"Node": "node1", "ServiceID": "db"}, {"Node": "node1"}):
+            syncs = ae.syncs
+            assert await put(http, "/v1/catalog/deregister", removal) == (200, "true")
+            assert await _no_service(http, "db")
+            await within(lambda: _has_service(http, "db"), 0.5 + 1.0)
+            assert ae.syncs > syncs
+            assert await catalog_checks(http, "db") == {"service:db": "passing"}
+
+
+async def test_a_sync_without_a_leader_is_retried_after_a_second(
+    agent: Agent, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consensus = agent.consensus
+    assert consensus is not None
+    real_write = consensus.write
+    attempts: list[float] = []
+
+    async def flaky_write(command: bytes, timeout: float = 10.0) -> Any:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise NoLeader("an election is running")
+        return await real_write(command, timeout)
+
+    monkeypatch.setattr(consensus, "write", flaky_write)
+    assert await put(http, "/v1/agent/service/register", {"Name": "later"}) == (200, "")
+    await eventually(lambda: _has_service(http, "later"))
+    assert len(attempts) == 2
+    assert 0.9 <= attempts[1] - attempts[0] <= 1.6, attempts[1] - attempts[0]
+
+
+async def test_output_only_changes_are_batched_and_status_changes_are_not(
+    make_agent: AgentMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consul's check_update_interval: a new output with the same status is written at most
+    once per interval (here 0.4 s: written 0.2-0.6 s later), a status change at once and with
+    the latest output; a full sync meanwhile does not write the output either."""
+    agent = await make_agent(check_update_interval=0.4)
+    consensus = agent.consensus
+    assert consensus is not None
+    real_write, writes = consensus.write, []
+
+    async def counting_write(command: bytes, timeout: float = 10.0) -> Any:
+        writes.append(command)
+        return await real_write(command, timeout)
+
+    monkeypatch.setattr(consensus, "write", counting_write)
+    async with client(agent) as http:
+
+        async def catalog_check() -> tuple[str, str] | None:
+            found = await get(http, "/v1/health/checks/chatty")
+            return (found[0]["Status"], found[0]["Output"]) if len(found) == 1 else None
+
+        async def catalog_has(want: tuple[str, str]) -> bool:
+            return await catalog_check() == want
+
+        body = {"Name": "chatty", "Check": {"TTL": "30s", "Status": "passing"}}
+        assert await put(http, "/v1/agent/service/register", body) == (200, "")
+        # a check's first result is written at once, even with the status it started with
+        assert await put(http, "/v1/agent/check/pass/service:chatty?note=n=0") == (200, "")
+        await eventually(lambda: catalog_has(("passing", "n=0")))
+        before = len(writes)
+        for n in range(1, 6):  # a check printing something new on every run
+            assert await put(http, f"/v1/agent/check/pass/service:chatty?note=n={n}") == (200, "")
+        assert (await get(http, "/v1/agent/checks"))["service:chatty"]["Output"] == "n=5"
+        assert await anti_entropy(agent).sync_once() == 0  # a full sync leaves it deferred
+        await asyncio.sleep(0.1)
+        assert await catalog_check() == ("passing", "n=0") and len(writes) == before
+        await within(lambda: catalog_has(("passing", "n=5")), 0.6 + 0.5)
+        assert len(writes) == before + 1  # five outputs, one write
+
+        # pending output, then a status change: one write, at once, with the latest output
+        assert await put(http, "/v1/agent/check/pass/service:chatty?note=n=6") == (200, "")
+        assert await put(http, "/v1/agent/check/warn/service:chatty?note=slow") == (200, "")
+        await within(lambda: catalog_has(("warning", "slow")), 0.3)
+        await asyncio.sleep(0.8)  # the deferred write was dropped with the status change
+        assert len(writes) == before + 2 and await catalog_check() == ("warning", "slow")
+
+
+async def test_with_consuls_default_interval_output_waits_minutes(
+    http: aiohttp.ClientSession,
+) -> None:
+    body = {"Name": "quiet", "Check": {"TTL": "30s", "Status": "passing"}}
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    assert await put(http, "/v1/agent/check/pass/service:quiet?note=first") == (200, "")
+    await eventually(lambda: _check_is(http, "quiet", ("passing", "first")))
+    assert await put(http, "/v1/agent/check/pass/service:quiet?note=new") == (200, "")
+    await asyncio.sleep(0.5)
+    assert await _check_is(http, "quiet", ("passing", "first"))  # 2.5-7.5 min away
+    assert await put(http, "/v1/agent/check/fail/service:quiet?note=down") == (200, "")
+    await within(lambda: _check_is(http, "quiet", ("critical", "down")), 0.5)
+
+
+async def _check_is(http: aiohttp.ClientSession, service: str, want: tuple[str, str]) -> bool:
+    got = [(c["Status"], c["Output"]) for c in await get(http, f"/v1/health/checks/{service}")]
+    return got == [want]
+
+
+# ----- real agent processes -----
+
+
+def _proc_checks(a: AgentProc, path: str) -> dict[str, tuple[str, str]]:
+    status, body = a.http("GET", path)
+    assert status == 200, body
+    items = body.values() if isinstance(body, dict) else body
+    return {c["CheckID"]: (c["Status"], c["Output"]) for c in items}
+
+
+@pytest.mark.cluster
+def test_script_checks_through_a_real_agent_with_the_flag(tmp_path: Path) -> None:
+    """`meshnode agent` refuses script checks without --enable-script-checks and runs them
+    with it: exit codes, stdout as Output (agent view and catalog), Timeout."""
+    a = AgentProc("scripts", "127.0.0.1", tmp_path, dev=True)
+
+    def script(code: str) -> list[str]:
+        return [sys.executable, "-c", f"import sys, time; {code}"]
+
+    body = {"Name": "scripted", "Checks": [
+        {"Args": script("print('fine')"), "Interval": "1s"},
+        {"Args": script("print('meh'); sys.exit(1)"), "Interval": "1s"},
+        {"Args": script("print('bad'); sys.exit(2)"), "Interval": "1s"},
+        {"Args": script("time.sleep(30)"), "Interval": "1s", "Timeout": "1s"},
+    ]}  # fmt: skip
+    want = {
+        "service:scripted:1": ("passing", "fine\n"),
+        "service:scripted:2": ("warning", "meh\n"),
+        "service:scripted:3": ("critical", "bad\n"),
+        "service:scripted:4": ("critical", "Timed out (1s) running check"),
+    }
+    try:
+        a.start().wait_ready()
+        status, msg = a.http("PUT", "/v1/agent/service/register", body)
+        assert status == 400 and "--enable-script-checks" in msg
+        a.stop()
+        a.extra_args.append("--enable-script-checks")
+        a.start().wait_ready()
+        assert a.http("PUT", "/v1/agent/service/register", body)[0] == 200
+        wait_until(lambda: _proc_checks(a, "/v1/agent/checks") == want, timeout=15,
+                   desc="script checks in the agent view")  # fmt: skip
+        wait_until(lambda: _proc_checks(a, "/v1/health/checks/scripted") == want, timeout=15,
+                   desc="script checks in the catalog")  # fmt: skip
+    finally:
+        a.stop()
+
+
+@pytest.mark.cluster
+def test_a_restarted_agent_puts_its_services_back_into_a_catalog_that_lost_its_node(
+    tmp_path: Path,
+) -> None:
+    a = AgentProc("phoenix", "127.0.0.1", tmp_path, dev=True)
+
+    def catalog_services() -> set[str]:
+        status, body = a.http("GET", "/v1/catalog/services")
+        assert status == 200, body
+        return set(body)
+
+    try:
+        a.start().wait_ready()
+        body = {"Name": "kept", "Port": 7000, "Check": {"TTL": "60s", "Status": "passing"}}
+        assert a.http("PUT", "/v1/agent/service/register", body)[0] == 200
+        wait_until(lambda: "kept" in catalog_services(), timeout=10, desc="kept registered")
+        assert a.http("PUT", "/v1/catalog/deregister", {"Node": "phoenix"}) == (200, True)
+        assert "kept" not in catalog_services()
+        a.kill9()
+        a.start().wait_ready()
+        wait_until(lambda: "kept" in catalog_services(), timeout=10,
+                   desc="kept back in the catalog after the restart")  # fmt: skip
+        wait_until(lambda: _proc_checks(a, "/v1/health/checks/kept")
+                   == {"service:kept": ("passing", "")}, timeout=10,
+                   desc="and its check")  # fmt: skip
+    finally:
+        a.stop()

@@ -1,18 +1,28 @@
 """node/checks: Consul's rules for a check definition, and one probe of each kind against real
-local targets (an aiohttp server, a TCP listener, a script)."""
+local targets (aiohttp servers, one of them HTTPS with a self-signed certificate, a TCP
+listener, scripts)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import socket
+import ssl
 import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from node.checks.definition import CheckError, CheckSpec
+from node.checks.definition import CheckError, CheckSpec, go_duration
 from node.checks.probes import probe
 
 
@@ -54,6 +64,20 @@ def test_output_is_capped_and_critical_since_follows_the_status() -> None:
         c.set("fine", "")
 
 
+@contextlib.asynccontextmanager
+async def _server(handler: Any, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def site() -> AsyncIterator[str]:
     async def status(request: web.Request) -> web.Response:
@@ -70,6 +94,108 @@ async def site() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+async def test_http_probe_sends_method_headers_and_body_like_consul() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(
+            {
+                "method": request.method,
+                "multi": request.headers.getall("X-Multi", []),
+                "ua": request.headers.get("User-Agent"),
+                "host": request.host,
+                "accept": request.headers.get("Accept"),
+                "body": await request.text(),
+            }
+        )
+        return web.Response(text="seen")  # fmt: skip
+
+    async with _server(record) as base:
+        chk = spec(ID="h", HTTP=f"{base}/x", Interval="1s", Method="PUT", Body='{"ping":1}',
+                   Header={"X-Multi": ["a", "b"], "Host": ["svc.internal"]})  # fmt: skip
+        assert (await probe(chk))[0] == "passing"
+        default = spec(ID="h", HTTP=f"{base}/x", Interval="1s")
+        assert (await probe(default))[0] == "passing"
+        own_ua = spec(ID="h", HTTP=f"{base}/x", Interval="1s", Header={"User-Agent": ["me"]})
+        assert (await probe(own_ua))[0] == "passing"
+    assert seen[0] == {"method": "PUT", "multi": ["a", "b"], "ua": "Consul Health Check",
+                       "host": "svc.internal", "accept": "text/plain, text/*, */*",
+                       "body": '{"ping":1}'}  # fmt: skip
+    assert (seen[1]["method"], seen[1]["multi"], seen[1]["body"]) == ("GET", [], "")
+    assert seen[2]["ua"] == "me"
+
+
+async def test_http_probe_timeout_is_critical() -> None:
+    async def stall(_: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    async with _server(stall) as base:
+        start = time.monotonic()
+        status, out = await probe(spec(ID="h", HTTP=f"{base}/x", Interval="1s", Timeout="300ms"))
+        assert time.monotonic() - start < 2.0
+    assert (status, out) == ("critical", f"HTTP GET {base}/x: timed out after 300ms")
+
+
+def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for DNS name `name` only (not 127.0.0.1), signed by its own key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+async def test_https_checks_honour_tls_skip_verify_and_tls_server_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fabio-style HTTPS checks: a self-signed certificate is critical unless TLSSkipVerify;
+    TLSServerName is the SNI name sent and the name the certificate is checked against."""
+    cert, key = _self_signed(tmp_path, "meshnode-check.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    sni: list[str | None] = []
+    server_ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="tls ok")
+
+    async with _server(ok, ssl_context=server_ctx) as base:
+        url = base.replace("http://", "https://") + "/health"
+
+        async def run(**kw: Any) -> tuple[str, str]:
+            return await probe(spec(ID="t", HTTP=url, Interval="1s", Timeout="5s", **kw))
+
+        status, out = await run()
+        assert status == "critical" and "certificate verify failed" in out, out
+        assert await run(TLSSkipVerify=True) == (
+            "passing",
+            f"HTTP GET {url}: 200 OK Output: tls ok",
+        )
+        sni.clear()
+        assert (await run(TLSSkipVerify=True, TLSServerName="svc.example"))[0] == "passing"
+        assert sni == ["svc.example"]
+        # trust the certificate (as an agent's CA file would): now the name decides
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert (await run(TLSServerName="meshnode-check.test"))[0] == "passing"
+        status, out = await run(TLSServerName="other.test")
+        assert status == "critical" and "other.test" in out, out
+        assert (await run())[0] == "critical"  # 127.0.0.1 is not a name the certificate has
 
 
 async def test_http_probe_maps_status_codes_like_consul(site: str) -> None:
@@ -111,6 +237,59 @@ async def test_script_probe_exit_codes_output_and_timeout() -> None:
     assert (await probe(script("import sys; sys.exit(1)")))[0] == "warning"
     assert await probe(script("import sys; print('bad'); sys.exit(2)")) == ("critical", "bad\n")
     slow = await probe(script("import time; time.sleep(5)", Timeout="200ms"))
-    assert slow == ("critical", "Timed out (0.2s) running check")
+    assert slow == ("critical", "Timed out (200ms) running check")  # Go's duration wording
     missing = await probe(spec(ID="s", Args=["/nonexistent/check"], Interval="1s"))
     assert missing[0] == "critical" and "/nonexistent/check" in missing[1]
+
+
+async def test_a_timed_out_script_keeps_its_output_and_takes_its_children_along() -> None:
+    """Consul appends what the script printed before the timeout, and kills its process group:
+    a shell's `sleep` child holding stdout open must not keep the probe waiting."""
+    chatty = "import time; print('started', flush=True); time.sleep(30)"
+    start = time.monotonic()
+    status, out = await probe(spec(ID="s", Args=[sys.executable, "-c", chatty],
+                                   Interval="1s", Timeout="300ms"))  # fmt: skip
+    assert (status, out) == ("critical", "Timed out (300ms) running check\n\nstarted\n")
+    status, out = await probe(spec(ID="s", Args=["/bin/sh", "-c", "sleep 30; echo never"],
+                                   Interval="1s", Timeout="300ms"))  # fmt: skip
+    assert (status, out) == ("critical", "Timed out (300ms) running check")
+    assert time.monotonic() - start < 5.0
+
+
+async def test_long_script_output_keeps_its_tail_like_consul() -> None:
+    code = "import sys; sys.stdout.write('a' * 5000 + 'END')"
+    status, out = await probe(spec(ID="s", Args=[sys.executable, "-c", code], Interval="1s"))
+    assert status == "passing"
+    assert out == "Captured 4096 of 5003 bytes\n...\n" + "a" * 4093 + "END"
+
+
+def test_go_duration_strings() -> None:
+    cases = {0.2: "200ms", 1.0: "1s", 1.5: "1.5s", 90.0: "1m30s", 3600.0: "1h0m0s",
+             0.0015: "1.5ms", 0.0: "0s", 10.0: "10s"}  # fmt: skip
+    assert {k: go_duration(k) for k in cases} == cases
+
+
+def test_default_name_header_and_body_fields() -> None:
+    c = CheckSpec({"ttl": "5s"}, service_id="web", default_id="service:web",
+                  default_name="Service 'web' check")  # fmt: skip
+    assert (c.id, c.name) == ("service:web", "Service 'web' check")
+    named = CheckSpec(
+        {"ttl": "5s", "name": "mine"}, default_id="x", default_name="Service 'w' check"
+    )
+    assert named.name == "mine"
+    h = spec(
+        ID="h",
+        HTTP="https://x/",
+        Interval="1s",
+        method="put",
+        body="{}",
+        header={"X-A": ["1", "2"]},
+        tls_skip_verify=True,
+        tls_server_name="svc.test",
+    )
+    assert (h.method, h.body, h.header) == ("PUT", "{}", {"X-A": ["1", "2"]})
+    assert (h.tls_skip_verify, h.tls_server_name) == (True, "svc.test")
+    with pytest.raises(CheckError, match="Header must be an object of string lists"):
+        spec(ID="h", HTTP="http://x/", Interval="1s", Header={"X-A": "1"})
+    with pytest.raises(CheckError, match="Body must be a string"):
+        spec(ID="h", HTTP="http://x/", Interval="1s", Body={"a": 1})

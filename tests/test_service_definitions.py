@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from node.agent import Agent
+from node.antientropy import AntiEntropy
+from node.consensus import Consensus
 from node.definitions import DefinitionError, load_dir
+from node.local import LocalState
 from tests.harness.agents import REPO_ROOT, AgentProc, free_port, wait_until
+from tests.test_http_api import FakeRuntime, FakeWorld, make_config
 
 
 def test_definition_files_in_json_and_toml(tmp_path: Path) -> None:
@@ -30,6 +37,58 @@ def test_definition_files_in_json_and_toml(tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text("{oops")
     with pytest.raises(DefinitionError, match=r"c\.json"):
         load_dir(tmp_path)
+
+
+def test_definition_files_in_consuls_snake_case_keep_every_field(tmp_path: Path) -> None:
+    """Consul's config files spell everything in snake_case, nested objects included: what a
+    file defines reaches the agent's services unchanged, sidecar included."""
+    (tmp_path / "web.toml").write_text(
+        '[service]\nname = "web"\nport = 8080\nenable_tag_override = true\n'
+        '[service.tagged_addresses.lan_ipv4]\naddress = "10.0.0.7"\nport = 8080\n'
+        '[service.check]\nttl = "30s"\nderegister_critical_service_after = "90s"\n'
+        "[service.connect.sidecar_service.proxy]\n"
+        "[[service.connect.sidecar_service.proxy.upstreams]]\n"
+        'destination_name = "db"\nlocal_bind_port = 9191\n'
+    )
+    local = LocalState(None)
+    for svc in load_dir(tmp_path).services:
+        local.add_service(svc)
+    web = local.services["web"]
+    assert web["TaggedAddresses"] == {"lan_ipv4": {"Address": "10.0.0.7", "Port": 8080}}
+    assert web["EnableTagOverride"] is True and web["Connect"] is None
+    chk = local.checks["service:web"]
+    assert (chk.name, chk.deregister_after) == ("Service 'web' check", 90.0)
+    sidecar = local.services["web-sidecar-proxy"]
+    assert (sidecar["Kind"], sidecar["Port"]) == ("connect-proxy", 21000)
+    assert sidecar["Proxy"]["Upstreams"] == [{"DestinationName": "db", "LocalBindPort": 9191}]
+    assert local.remove_service("web") and local.services == {}  # the sidecar goes with it
+
+
+async def test_each_config_dir_check_runs_once(tmp_path: Path) -> None:
+    """Loading --config-dir validates everything in a scratch copy first; that copy must not
+    start probes of its own (each script would run twice, forever)."""
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    check = {"tcp": "127.0.0.1:1", "interval": "1s"}
+    (conf / "web.json").write_text(json.dumps({"service": {"name": "web", "check": check}}))
+    a = Agent(make_config(tmp_path, dev=True, server_port=0, config_dir=str(conf)),
+              runtime_factory=partial(FakeRuntime, FakeWorld()))  # fmt: skip
+    a.add_component(Consensus(a))
+    ae = AntiEntropy(a)
+    a.add_component(ae)
+    await a.start()
+    try:
+
+        def runners() -> list[str]:
+            return sorted(t.get_name() for t in asyncio.all_tasks()
+                          if t.get_name().startswith("check-") and not t.done())  # fmt: skip
+
+        assert runners() == ["check-service:web"]
+        await ae.reload()  # SIGHUP
+        await asyncio.sleep(0)
+        assert runners() == ["check-service:web"]
+    finally:
+        await a.stop()
 
 
 def agent_services(a: AgentProc) -> set[str]:

@@ -44,8 +44,12 @@ async def _body(request: web.Request) -> Any:
         raise web.HTTPBadRequest(text=f"Request decode failed: {e}") from None
 
 
+#: fields Consul's AgentService leaves out when empty (`json:",omitempty"`)
+OMIT_EMPTY = ("TaggedAddresses", "SocketPath", "Locality")
+
+
 def _service_json(request: web.Request, svc: dict[str, Any]) -> dict[str, Any]:
-    out = dict(svc)
+    out = {k: v for k, v in svc.items() if v or k not in OMIT_EMPTY}
     out["Datacenter"] = agent_of(request).config.datacenter
     return out
 
@@ -65,7 +69,7 @@ async def service_register(request: web.Request) -> web.StreamResponse:
         local.add_service(await _body(request),
                           replace_checks=flag(request, "replace-existing-checks"))  # fmt: skip
     except LocalStateError as e:
-        return text_error(400, f"Invalid service: {e}")
+        return text_error(400, str(e))
     return web.Response(status=200)
 
 
@@ -121,7 +125,7 @@ async def check_register(request: web.Request) -> web.StreamResponse:
     try:
         _local(request).add_check(await _body(request))
     except LocalStateError as e:
-        return text_error(400, f"Invalid check: {e}")
+        return text_error(400, str(e))
     return web.Response(status=200)
 
 

@@ -3,18 +3,21 @@ accepted, Go durations or nanoseconds) and the check's current status.
 
 Consul's rules kept here: exactly one of TTL, HTTP, TCP or Args; HTTP/TCP/script checks need an
 Interval, clamped to at least 1 s; checks start critical unless given a Status; script checks
-only when the agent allows them; output is capped at 4 KiB.
+only when the agent allows them; output is capped at 4 KiB. An HTTP check may carry `Method`,
+`Header` (a map of lists, as Go's http.Header), `Body`, `TLSSkipVerify`, `TLSServerName` and
+`DisableRedirects`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from node.state.commands import CHECK_STATUSES
 from node.state.sessions import parse_duration
 
-__all__ = ["MAX_OUTPUT", "CheckError", "CheckSpec", "duration", "field"]
+__all__ = ["MAX_OUTPUT", "CheckError", "CheckSpec", "duration", "field", "fold", "go_duration"]
 
 MAX_OUTPUT = 4096  # Consul keeps 4 KiB of check output
 DEFAULT_TIMEOUT = 10.0
@@ -25,14 +28,15 @@ class CheckError(ValueError):
     """A check definition that cannot run; the message names the field."""
 
 
-def _fold(key: str) -> str:
+def fold(key: str) -> str:
+    """A JSON key as Go matches it: case-insensitive, and snake_case is the same key."""
     return key.replace("_", "").lower()
 
 
 def field(obj: dict[str, Any], name: str, default: Any = None) -> Any:
     """Field lookup the way Go decodes JSON: case-insensitive, snake_case accepted."""
-    want = _fold(name)
-    return next((v for k, v in obj.items() if _fold(k) == want), default)
+    want = fold(name)
+    return next((v for k, v in obj.items() if fold(k) == want), default)
 
 
 def duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
@@ -49,15 +53,54 @@ def duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
         raise CheckError(f"invalid {name}: {e}") from None
 
 
+def _frac(value: int, unit: int) -> str:
+    whole, part = divmod(value, unit)
+    if not part:
+        return str(whole)
+    digits = str(part).rjust(len(str(unit)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"
+
+
+def go_duration(seconds: float) -> str:
+    """Go's time.Duration.String(), so messages read as Consul's ("500ms", "1m30s")."""
+    ns = round(seconds * 1e9)
+    sign, ns = ("-" if ns < 0 else ""), abs(ns)
+    if ns == 0:
+        return "0s"
+    if ns < 1_000:
+        return f"{sign}{ns}ns"
+    if ns < 1_000_000:
+        return f"{sign}{_frac(ns, 1_000)}µs"
+    if ns < 1_000_000_000:
+        return f"{sign}{_frac(ns, 1_000_000)}ms"
+    hours, rest = divmod(ns, 3600 * 10**9)
+    minutes, rest = divmod(rest, 60 * 10**9)
+    secs = f"{_frac(rest, 10**9)}s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{secs}"
+    return f"{sign}{minutes}m{secs}" if minutes else f"{sign}{secs}"
+
+
+def _header(raw: Any) -> dict[str, list[str]]:
+    """Consul's Header is Go's http.Header: {"Name": ["value", ...]}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw.values()
+    ):
+        raise CheckError('Header must be an object of string lists, e.g. {"X-A": ["1"]}')
+    return {str(k): list(v) for k, v in raw.items()}
+
+
 class CheckSpec:
     """A check definition (the agent's view: how to run it) plus its current state."""
 
     def __init__(self, obj: dict[str, Any], *, service_id: str = "", default_id: str = "",
-                 scripts: bool = False) -> None:  # fmt: skip
+                 default_name: str = "", scripts: bool = False) -> None:  # fmt: skip
         if not isinstance(obj, dict):
             raise CheckError("a check must be an object")
         self.id = str(field(obj, "CheckID") or field(obj, "ID") or default_id or "")
-        self.name = str(field(obj, "Name") or "")
+        self.name = str(field(obj, "Name") or default_name or "")
         if not self.id:
             if not self.name:
                 raise CheckError("check needs a Name or an ID")
@@ -67,7 +110,14 @@ class CheckSpec:
         self.notes = str(field(obj, "Notes") or "")
         self.ttl = duration(obj, "TTL")
         self.http = str(field(obj, "HTTP") or "")
-        self.method = str(field(obj, "Method") or "GET")
+        self.method = str(field(obj, "Method") or "GET").upper()
+        self.header = _header(field(obj, "Header"))
+        self.body = field(obj, "Body") or ""
+        if not isinstance(self.body, str):
+            raise CheckError("Body must be a string")
+        self.tls_skip_verify = bool(field(obj, "TLSSkipVerify", False))
+        self.tls_server_name = str(field(obj, "TLSServerName") or "")
+        self.disable_redirects = bool(field(obj, "DisableRedirects", False))
         self.tcp = str(field(obj, "TCP") or "")
         self.args = field(obj, "Args") or field(obj, "ScriptArgs") or []
         self.interval = duration(obj, "Interval")
@@ -100,8 +150,17 @@ class CheckSpec:
             raise CheckError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
         self.output = ""
         self.definition = {k: v for k, v in obj.items() if v is not None}
+        if default_name and not field(obj, "Name"):
+            self.definition["Name"] = default_name
         self.ttl_deadline = time.monotonic() + self.ttl if self.ttl else 0.0
         self.critical_since = time.monotonic() if self.status == "critical" else 0.0
+        # an output-only change not yet written to the catalog (check_update_interval)
+        self.deferred: asyncio.TimerHandle | None = None
+        self.reported = False  # a first result (probe or update) has been recorded
+
+    @property
+    def output_pending(self) -> bool:
+        return self.deferred is not None
 
     def set(self, status: str, output: str) -> None:
         if status not in CHECK_STATUSES:
