@@ -26,9 +26,10 @@ import structlog
 from node.agent import AgentError
 from node.definitions import DefinitionError, load_dir
 from node.leader import CONSUL_SERVICE, SERF_CHECK_ID
-from node.local import CHECK_UPDATE_INTERVAL, LocalState, LocalStateError
+from node.local import CHECK_UPDATE_INTERVAL, LocalState
 from node.raft.runtime import NoLeader, WriteTimeout
 from node.raft.transport import RPCError
+from node.registration import RegistrationError
 from node.state import commands as cmd
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class AntiEntropy:
         self.local.load()
         try:
             self.load_definitions()
-        except (DefinitionError, LocalStateError) as e:
+        except (DefinitionError, RegistrationError) as e:
             raise AgentError(f"--config-dir: {e}") from None
         self.local.start()
         self._task = asyncio.create_task(self._loop(), name="anti-entropy")
@@ -74,7 +75,7 @@ class AntiEntropy:
     def load_definitions(self) -> None:
         """(Re)load --config-dir: services defined there are registered (replaced), and those
         an earlier load defined but the files no longer do are removed. Raises
-        DefinitionError/LocalStateError, leaving what is registered unchanged."""
+        DefinitionError/RegistrationError, leaving what is registered unchanged."""
         directory = self.agent.config.config_dir
         if directory is None:
             return
@@ -99,7 +100,7 @@ class AntiEntropy:
         """SIGHUP: reload the service definitions; a bad file is logged and changes nothing."""
         try:
             self.load_definitions()
-        except (DefinitionError, LocalStateError) as e:
+        except (DefinitionError, RegistrationError) as e:
             log.error("antientropy.reload_failed", error=str(e))
 
     async def stop(self) -> None:

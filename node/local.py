@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import random
@@ -28,165 +27,18 @@ from typing import Any
 
 import structlog
 
-from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec, field, fold
+from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec
 from node.checks.probes import probe
-from node.state import commands as cmd
+from node.registration import RegistrationError, parse_service, validate_for_catalog
 from node.state.commands import CHECK_STATUSES, SERVICE_SPEC
 
-__all__ = ["CHECK_UPDATE_INTERVAL", "SIDECAR_SUFFIX", "LocalState", "LocalStateError"]
+__all__ = ["CHECK_UPDATE_INTERVAL", "SIDECAR_SUFFIX", "LocalState", "RegistrationError"]
 
 log = structlog.get_logger("node.local")
 
 CHECK_UPDATE_INTERVAL = 300.0  # Consul's check_update_interval default
 SIDECAR_SUFFIX = "-sidecar-proxy"
 SIDECAR_PORTS = range(21000, 21256)  # Consul's connect.sidecar_min_port..sidecar_max_port
-
-# The nested objects Consul decodes into structs, so their keys come back in Consul's spelling
-# whatever case or snake_case they were sent in. None: a leaf (or an opaque map such as
-# Proxy.Config) kept as given; [shape]: a list of shape. Unknown keys are kept as given.
-Shape = dict[str, Any] | list[Any] | None
-_MESH_GATEWAY: Shape = {"Mode": None}
-_UPSTREAM: Shape = {
-    k: None for k in ("DestinationType", "DestinationNamespace", "DestinationPartition",
-                      "DestinationPeer", "DestinationName", "Datacenter", "LocalBindAddress",
-                      "LocalBindPort", "LocalBindSocketPath", "LocalBindSocketMode", "Config",
-                      "CentrallyConfigured")
-} | {"MeshGateway": _MESH_GATEWAY}  # fmt: skip
-_PROXY: Shape = {
-    k: None for k in ("DestinationServiceName", "DestinationServiceID", "LocalServiceAddress",
-                      "LocalServicePort", "LocalServiceSocketPath", "Mode", "Config",
-                      "AccessLogs")
-} | {
-    "Upstreams": [_UPSTREAM],
-    "MeshGateway": _MESH_GATEWAY,
-    "Expose": {"Checks": None,
-               "Paths": [{"ListenerPort": None, "Path": None, "LocalPathPort": None,
-                          "Protocol": None}]},
-    "TransparentProxy": {"OutboundListenerPort": None, "DialedDirectly": None},
-}  # fmt: skip
-_CONNECT: Shape = {"Native": None, "SidecarService": None}
-_LOCALITY: Shape = {"Region": None, "Zone": None}
-_TAGGED_ADDRESS: Shape = {"Address": None, "Port": None}
-
-
-class LocalStateError(ValueError):
-    """A registration the agent refuses; the message (Consul's where known) is the 400 body."""
-
-
-def _canonical(raw: Any, shape: Shape, where: str) -> Any:
-    if shape is None or raw is None:
-        return raw
-    if isinstance(shape, list):
-        if not isinstance(raw, list):
-            raise LocalStateError(f"Invalid service: {where} must be a list")
-        return [_canonical(x, shape[0], f"{where}[{i}]") for i, x in enumerate(raw)]
-    if not isinstance(raw, dict):
-        raise LocalStateError(f"Invalid service: {where} must be an object")
-    names = {fold(k): k for k in shape}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        canon = names.get(fold(key))
-        if canon is None:
-            out[key] = value
-        else:
-            out[canon] = _canonical(value, shape[canon], f"{where}.{canon}")
-    return out
-
-
-def _mapping(raw: Any, name: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise LocalStateError(f"Invalid service: {name} must be an object")
-    return dict(raw)
-
-
-def _is_any(address: str) -> bool:
-    """Consul's ipaddr.IsAny: 0.0.0.0 or :: (also as [::]) cannot be dialed by anyone."""
-    try:
-        return ipaddress.ip_address(address.strip("[]")).is_unspecified
-    except ValueError:
-        return False
-
-
-def _tagged_addresses(raw: Any) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name, value in _mapping(raw, "TaggedAddresses").items():
-        addr = _canonical(value, _TAGGED_ADDRESS, f"TaggedAddresses.{name}")
-        address, port = addr.get("Address", ""), addr.get("Port", 0)
-        if not isinstance(address, str) or type(port) is not int or not 0 <= port <= 65535:
-            raise LocalStateError(f"Invalid service: TaggedAddresses.{name} needs a string "
-                                  "Address and a Port in 0-65535")  # fmt: skip
-        if _is_any(address):
-            raise LocalStateError("Invalid service address")
-        version = {"lan_ipv4": 4, "wan_ipv4": 4, "lan_ipv6": 6, "wan_ipv6": 6}.get(name)
-        if version is not None:
-            try:
-                ok = ipaddress.ip_address(address).version == version
-            except ValueError:
-                ok = False
-            if not ok:
-                raise LocalStateError(f"Service tagged address {name!r} must be a valid "
-                                      f"ipv{version} address")  # fmt: skip
-        out[str(name)] = {**addr, "Address": address, "Port": port}
-    return out
-
-
-def _parse_service(obj: Any, *, sidecar: bool = False) -> tuple[dict[str, Any], list[Any], Any]:
-    """A service definition -> (the service in SERVICE_SPEC fields, its raw checks, the raw
-    Connect.SidecarService or None). A sidecar may leave out what it inherits."""
-    if not isinstance(obj, dict):
-        raise LocalStateError("Invalid service: the service must be a JSON object")
-    name = field(obj, "Name") or field(obj, "Service") or ""
-    if not isinstance(name, str) or (not name and not sidecar):
-        raise LocalStateError("Missing service name")
-    sid = field(obj, "ID") or name
-    port = field(obj, "Port", 0)
-    if type(port) is not int or not 0 <= port <= 65535:
-        raise LocalStateError(f"Invalid service: invalid Port {port!r}")
-    tags = field(obj, "Tags") or []
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise LocalStateError("Invalid service: Tags must be a list of strings")
-    address = field(obj, "Address") or ""
-    socket_path = field(obj, "SocketPath") or ""
-    kind = field(obj, "Kind") or ""
-    if not all(isinstance(x, str) for x in (sid, address, socket_path, kind)):
-        raise LocalStateError("Invalid service: ID, Address, SocketPath and Kind are strings")
-    if _is_any(address):
-        raise LocalStateError("Invalid service address")
-    connect = _canonical(field(obj, "Connect"), _CONNECT, "Connect")
-    sidecar_def = None
-    if connect is not None:
-        sidecar_def = connect.pop("SidecarService", None)
-        if sidecar_def is not None and sidecar:
-            raise LocalStateError("Invalid SidecarService: a sidecar service cannot have a "
-                                  "nested SidecarService")  # fmt: skip
-        connect = connect or None  # the sidecar was sugar: nothing of it stays on the parent
-    weights = _mapping(field(obj, "Weights"), "Weights")
-    passing, warning = field(weights, "Passing", 1), field(weights, "Warning", 1)
-    if not (type(passing) is int and passing >= 1 and type(warning) is int and warning >= 0):
-        raise LocalStateError("Invalid Weights: Passing must be >= 1 and Warning >= 0")
-    svc: dict[str, Any] = {
-        "ID": sid, "Service": name, "Tags": tags, "Port": port, "Address": address,
-        "TaggedAddresses": _tagged_addresses(field(obj, "TaggedAddresses")),
-        "SocketPath": socket_path,
-        "Meta": _mapping(field(obj, "Meta"), "Meta"),
-        "Weights": {"Passing": passing, "Warning": warning},
-        "EnableTagOverride": bool(field(obj, "EnableTagOverride", False)),
-        "Kind": kind,
-        "Proxy": _canonical(field(obj, "Proxy"), _PROXY, "Proxy"),
-        "Connect": connect,
-        "Locality": _canonical(field(obj, "Locality"), _LOCALITY, "Locality"),
-    }  # fmt: skip
-    unknown = set(svc) - set(SERVICE_SPEC)
-    assert not unknown, unknown
-    checks = field(obj, "Checks") or []
-    if not isinstance(checks, list):
-        raise LocalStateError("Invalid check: Checks must be a list of checks")
-    checks = list(checks)
-    if field(obj, "Check"):
-        checks.insert(0, field(obj, "Check"))
-    return svc, checks, sidecar_def
 
 
 def _running() -> bool:
@@ -195,13 +47,6 @@ def _running() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _validate_for_catalog(svc: dict[str, Any]) -> None:
-    try:  # the catalog's own rules, so anti-entropy can always write what was accepted
-        cmd.register("validate", "127.0.0.1", service=svc, now=0.0)
-    except cmd.CommandError as e:
-        raise LocalStateError("Validation failed: " + str(e).split(": ", 1)[-1]) from None
 
 
 class LocalState:
@@ -226,8 +71,8 @@ class LocalState:
     # -- registration ---------------------------------------------------------------------------
 
     def add_service(self, obj: Any, *, replace_checks: bool = False) -> str:
-        svc, raw_checks, sidecar_def = _parse_service(obj)
-        _validate_for_catalog(svc)
+        svc, raw_checks, sidecar_def = parse_service(obj)
+        validate_for_catalog(svc)
         checks = self._service_checks(svc, raw_checks)
         sidecar = None
         if sidecar_def is not None:
@@ -253,9 +98,9 @@ class LocalState:
         """Consul's sidecarServiceFromNodeService: what the sidecar leaves out it inherits
         from the service it fronts."""
         try:
-            svc, raw_checks, _ = _parse_service(definition, sidecar=True)
-        except LocalStateError as e:
-            raise LocalStateError(f"Invalid SidecarService: {e}") from None
+            svc, raw_checks, _ = parse_service(definition, sidecar=True)
+        except RegistrationError as e:
+            raise RegistrationError(f"Invalid SidecarService: {e}") from None
         sid = parent["ID"] + SIDECAR_SUFFIX
         svc["ID"] = sid
         svc["Service"] = svc["Service"] or parent["Service"] + SIDECAR_SUFFIX
@@ -277,7 +122,7 @@ class LocalState:
         svc["Proxy"] = proxy
         if svc["Port"] < 1:
             svc["Port"] = self._sidecar_port(sid)
-        _validate_for_catalog(svc)
+        validate_for_catalog(svc)
         if not raw_checks:  # Consul's default: is the proxy listening?
             host = svc["Address"] or proxy.get("LocalServiceAddress") or "127.0.0.1"
             host = f"[{host}]" if ":" in host else host
@@ -293,7 +138,7 @@ class LocalState:
         used = {s["Port"] for s in self.services.values()}
         port = next((p for p in SIDECAR_PORTS if p not in used), None)
         if port is None:
-            raise LocalStateError("Invalid SidecarService: no port provided for "
+            raise RegistrationError("Invalid SidecarService: no port provided for "
                                   "sidecar_service and none left in the configured range "
                                   f"[{SIDECAR_PORTS[0]}, {SIDECAR_PORTS[-1]}]")  # fmt: skip
         return port
@@ -324,12 +169,12 @@ class LocalState:
         try:
             return CheckSpec(obj, scripts=self.scripts, **kw)
         except CheckError as e:
-            raise LocalStateError(f"Invalid check: {e}") from None
+            raise RegistrationError(f"Invalid check: {e}") from None
 
     def add_check(self, obj: Any) -> str:
         chk = self._check(obj)
         if chk.service_id and chk.service_id not in self.services:
-            raise LocalStateError(f"ServiceID {chk.service_id!r} does not exist")
+            raise RegistrationError(f"ServiceID {chk.service_id!r} does not exist")
         self._put_check(chk)
         self._changed()
         return chk.id
@@ -346,7 +191,7 @@ class LocalState:
         if chk is None:
             raise KeyError(cid)
         if status not in CHECK_STATUSES:
-            raise LocalStateError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
+            raise RegistrationError(f"Status must be one of {', '.join(CHECK_STATUSES)}")
         if chk.ttl:
             chk.ttl_deadline = time.monotonic() + chk.ttl
             self._restart(chk)  # its timer now ends at the new deadline, to the millisecond
@@ -500,6 +345,6 @@ class LocalState:
             self.services[svc["ID"]] = {k: v for k, v in svc.items() if k in SERVICE_SPEC}
         self.sidecars = sidecars & set(self.services)
         for c in checks:
-            with contextlib.suppress(LocalStateError):
+            with contextlib.suppress(RegistrationError):
                 chk = self._check(c)
                 self.checks[chk.id] = chk

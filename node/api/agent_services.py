@@ -19,7 +19,7 @@ from node.api.common import (
     json_response,
     text_error,
 )
-from node.local import LocalStateError
+from node.registration import RegistrationError
 
 if TYPE_CHECKING:
     from node.local import LocalState
@@ -68,7 +68,7 @@ async def service_register(request: web.Request) -> web.StreamResponse:
     try:
         local.add_service(await _body(request),
                           replace_checks=flag(request, "replace-existing-checks"))  # fmt: skip
-    except LocalStateError as e:
+    except RegistrationError as e:
         return text_error(400, str(e))
     return web.Response(status=200)
 
@@ -124,7 +124,7 @@ async def checks(request: web.Request) -> web.StreamResponse:
 async def check_register(request: web.Request) -> web.StreamResponse:
     try:
         _local(request).add_check(await _body(request))
-    except LocalStateError as e:
+    except RegistrationError as e:
         return text_error(400, str(e))
     return web.Response(status=200)
 
@@ -158,7 +158,7 @@ def _update(request: web.Request, cid: str, status: str, output: str) -> web.Res
         _local(request).update_check(cid, status, output)
     except KeyError:
         return text_error(404, f'Unknown check ID "{cid}"')
-    except LocalStateError as e:
+    except RegistrationError as e:
         return text_error(400, str(e))
     return web.Response(status=200)
 
