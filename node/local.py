@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec
+from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec, field
 from node.checks.probes import probe
 from node.registration import RegistrationError, parse_service, validate_for_catalog
 from node.state.commands import CHECK_STATUSES, SERVICE_SPEC
@@ -172,6 +172,9 @@ class LocalState:
             raise RegistrationError(f"Invalid check: {e}") from None
 
     def add_check(self, obj: Any) -> str:
+        """A check of its own (not inline in a service) must be named, as Consul demands."""
+        if isinstance(obj, dict) and not field(obj, "Name"):
+            raise RegistrationError("Missing check name")
         chk = self._check(obj)
         if chk.service_id and chk.service_id not in self.services:
             raise RegistrationError(f"ServiceID {chk.service_id!r} does not exist")

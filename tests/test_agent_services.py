@@ -225,6 +225,8 @@ async def test_bad_registrations_are_refused(http: aiohttp.ClientSession) -> Non
         http, "/v1/agent/check/register", {"Name": "c", "TTL": "5s", "ServiceID": "ghost"}
     )
     assert status == 400 and "ghost" in msg
+    assert await put(http, "/v1/agent/check/register", {"ID": "anon", "TTL": "5s"}) == (
+        400, "Missing check name")  # fmt: skip
     assert (await put(http, "/v1/agent/check/pass/nothing"))[0] == 404
     assert await put(http, "/v1/agent/check/register", {"Name": "m", "TTL": "5s"}) == (200, "")
     status, msg = await put(http, "/v1/agent/check/update/m", {"Status": "great"})
