@@ -154,7 +154,8 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     bind_context(agent=config.node)
     agent = Agent(config)
     agent.add_component(Consensus(agent))
-    agent.add_component(AntiEntropy(agent, scripts=config.enable_script_checks))
+    scripts, interval = config.enable_script_checks, config.check_update_interval
+    agent.add_component(AntiEntropy(agent, scripts=scripts, check_update_interval=interval))
     agent.add_component(DNSServer(agent))
     try:
         return _run_async(agent.run())
@@ -544,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=s,
         help="allow checks that run commands (Args); off by default, as in Consul",
+    )
+    agent.add_argument(
+        "--check-update-interval",
+        default=s,
+        help="how often a check whose output changes but not its status is written to the "
+        "catalog (5m, as Consul; 0s writes every change)",
     )
     agent.add_argument("--domain", default=s, help="DNS domain served on --dns-port (consul)")
     agent.add_argument(

@@ -90,6 +90,7 @@ class AgentConfig:
     datacenter: str = "dc1"
     domain: str = "consul"
     enable_script_checks: bool = False
+    check_update_interval: float = 300.0
     recursors: tuple[str, ...] = ()
     dns_node_ttl: int = 0
     dns_service_ttl: int = 0
@@ -319,6 +320,13 @@ def _positive_duration(raw: object) -> float:
     return value
 
 
+def _duration(raw: object) -> float:
+    value = parse_duration(raw)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {raw!r}")
+    return value
+
+
 #: name -> parser. Flag names are these with dashes; env variables MESHNODE_<NAME>.
 FIELDS: dict[str, Callable[[object], Any]] = {
     "node": _node_name,
@@ -342,6 +350,7 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "domain": _domain,
     "config_dir": _data_dir,
     "enable_script_checks": _bool,
+    "check_update_interval": _duration,
     "recursors": _recursors,
     "dns_node_ttl": _ttl,
     "dns_service_ttl": _ttl,
@@ -370,6 +379,7 @@ _DEFAULTS: dict[str, Any] = {
     "domain": "consul",
     "config_dir": None,
     "enable_script_checks": False,
+    "check_update_interval": 300.0,
     "recursors": (),
     "dns_node_ttl": 0,
     "dns_service_ttl": 0,
@@ -572,6 +582,7 @@ def load_config(
         domain=value("domain"),
         config_dir=value("config_dir"),
         enable_script_checks=bool(value("enable_script_checks")),
+        check_update_interval=float(value("check_update_interval")),
         recursors=tuple(value("recursors")),
         dns_node_ttl=int(value("dns_node_ttl")),
         dns_service_ttl=int(value("dns_service_ttl")),

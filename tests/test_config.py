@@ -64,6 +64,7 @@ def test_defaults() -> None:
     assert (c.join, c.retry_join, c.retry_interval) == ((), (), 30.0)
     assert (c.encrypt, c.discover, c.dev, c.datacenter) == (None, None, False, "dc1")
     assert (c.log_level, c.log_json) == ("info", False)
+    assert c.check_update_interval == 300.0
 
 
 def test_cli_beats_env_beats_files_beats_defaults(tmp_path: Path) -> None:
@@ -197,6 +198,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("dev", "2", "must be true or false, got '2'"),
     ("retry_interval", "soon", "must be a duration like '30s' or '500ms', got 'soon'"),
     ("retry_interval", "0s", "must be a positive duration, got '0s'"),
+    ("check_update_interval", "-1s", "must be a duration like '30s' or '500ms', got '-1s'"),
     ("join", "1.2.3.4:99999", "invalid address '1.2.3.4:99999': port must be between 1 and 65535"),
     ("join", ":8301", "invalid address ':8301': empty or malformed host"),
     ("retry_join", "1.2.3.4:x", "invalid address '1.2.3.4:x': port must be between 1 and 65535"),
