@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
+import pytest
 
 from node.agent import Agent
 from tests.test_kv_api import agent, get, http, wait_node_registered  # noqa: F401 - fixtures
@@ -229,3 +233,358 @@ async def test_a_watch_of_a_vanishing_service_wakes_to_an_empty_list(
         assert body == [] and int(headers["X-Consul-Index"]) > index
     finally:
         watch.cancel()
+
+
+# ----- names in any case, tags in lower case -----
+
+
+async def test_names_and_tags_match_in_any_case(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)
+    body = {
+        "Node": "Box7",
+        "Address": "10.7.0.1",
+        "Service": {"ID": "Web-1", "Service": "Web", "Tags": ["Prod"], "Port": 80},
+        "Check": {"CheckID": "web-alive", "ServiceID": "Web-1", "Status": "passing"},
+    }
+    assert (await register(http, body))[0] == 200
+    other = {
+        "Node": "box8",
+        "Address": "10.7.0.2",
+        "Service": {"ID": "web-2", "Service": "web", "Tags": ["v1"], "Port": 81},
+    }
+    assert (await register(http, other))[0] == 200
+    for name in ("web", "Web", "WEB"):
+        _, inst, _ = await get(http, f"/v1/catalog/service/{name}")
+        assert isinstance(inst, list) and [i["ServiceID"] for i in inst] == ["Web-1", "web-2"]
+        _, health, _ = await get(http, f"/v1/health/service/{name}")
+        assert isinstance(health, list) and [e["Service"]["ID"] for e in health] == [
+            "Web-1", "web-2"]  # fmt: skip
+        _, checks, _ = await get(http, f"/v1/health/checks/{name}")
+        assert isinstance(checks, list) and [c["CheckID"] for c in checks] == ["web-alive"]
+    for tag in ("prod", "PROD"):
+        _, inst, _ = await get(http, f"/v1/catalog/service/web?tag={tag}")
+        assert isinstance(inst, list) and [i["ServiceID"] for i in inst] == ["Web-1"], tag
+        _, health, _ = await get(http, f"/v1/health/service/WEB?tag={tag}&tag=prod")
+        assert isinstance(health, list) and [e["Service"]["ID"] for e in health] == ["Web-1"]
+    for node in ("box7", "BOX7", "Box7"):
+        _, got, _ = await get(http, f"/v1/catalog/node/{node}")
+        assert isinstance(got, dict) and got["Node"]["Node"] == "Box7"
+        assert list(got["Services"]) == ["Web-1"]
+        _, checks, _ = await get(http, f"/v1/health/node/{node}")
+        assert isinstance(checks, list) and [c["CheckID"] for c in checks] == ["web-alive"]
+    assert (await get(http, "/v1/catalog/node/box9"))[1] is None
+    assert (await get(http, "/v1/health/node/box9"))[1] == []
+    # /v1/catalog/services keeps each spelling, as Consul's services table does
+    _, services, _ = await get(http, "/v1/catalog/services")
+    assert services == {"Web": ["Prod"], "consul": [], "web": ["v1"]}
+
+
+async def test_a_watch_of_Web_wakes_on_a_write_to_web(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    await wait_node_registered(agent)
+    assert (await register(http, _svc("box-w", "10.3.0.9", "web")))[0] == 200
+    assert (await register(http, _svc("box-a", "10.3.0.1", "a")))[0] == 200
+    _, _, headers = await get(http, "/v1/health/service/Web")
+    index = int(headers["X-Consul-Index"])
+    watch = asyncio.create_task(_timed_get(http, f"/v1/health/service/Web?index={index}&wait=10s"))
+    try:
+        assert (await register(http, _svc("box-a", "10.3.0.1", "a", "critical")))[0] == 200
+        await asyncio.sleep(0.2)
+        assert not watch.done()  # another service's write does not wake it
+        assert (await register(http, _svc("box-w", "10.3.0.9", "web", "critical")))[0] == 200
+        written = time.monotonic()
+        body, headers, returned = await asyncio.wait_for(watch, 5)
+        assert returned - written < 0.1 and int(headers["X-Consul-Index"]) > index
+        assert isinstance(body, list) and body[0]["Checks"][1]["Status"] == "critical"
+    finally:
+        watch.cancel()
+
+
+# ----- ?node-meta= and ?filter= -----
+
+SEED = [
+    {"Node": "box1", "Address": "10.1.0.1", "NodeMeta": {"rack": "r1", "zone": "a"},
+     "Service": {"ID": "web-1", "Service": "web", "Tags": ["v1", "blue"], "Port": 8080,
+                 "Meta": {"version": "1.0"}},
+     "Check": {"CheckID": "web-1-alive", "ServiceID": "web-1", "Status": "passing"}},
+    {"Node": "box2", "Address": "10.1.0.2",
+     "NodeMeta": {"rack": "r2", "zone": "a", "url": "http://x:1"},
+     "Service": {"ID": "web-2", "Service": "web", "Tags": ["v2"], "Port": 8081,
+                 "Meta": {"version": "2.0"}},
+     "Check": {"CheckID": "web-2-alive", "ServiceID": "web-2", "Status": "critical",
+               "Output": "HTTP 503"}},
+]  # fmt: skip
+
+
+async def _seeded(agent: Agent, http: aiohttp.ClientSession) -> None:
+    await wait_node_registered(agent)
+    for body in SEED:
+        assert (await register(http, body))[0] == 200
+
+
+def _names(body: object) -> object:
+    """What identifies the items of any catalog/health answer."""
+    if isinstance(body, dict):
+        return sorted(body["Services"]) if "Services" in body else body
+    assert isinstance(body, list)
+    out = []
+    for item in body:
+        if "CheckID" in item:
+            out.append(item["CheckID"])
+        elif "Checks" in item:
+            out.append(item["Service"]["ID"])
+        else:
+            out.append(item["ServiceID"] if "ServiceID" in item else item["Node"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/catalog/nodes?node-meta=rack:r1", ["box1"]),
+        ("/v1/catalog/nodes?node-meta=zone:a", ["box1", "box2"]),
+        ("/v1/catalog/nodes?node-meta=zone:a&node-meta=rack:r2", ["box2"]),
+        ("/v1/catalog/nodes?node-meta=url:http://x:1", ["box2"]),  # split at the first colon
+        ("/v1/catalog/nodes?node-meta=zone:b", []),
+        ("/v1/catalog/services?node-meta=rack:r2", {"web": ["v2"]}),
+        ("/v1/catalog/services?node-meta=zone:a", {"web": ["blue", "v1", "v2"]}),
+        ("/v1/catalog/service/web?node-meta=rack:r2", ["web-2"]),
+        ("/v1/health/service/web?node-meta=rack:r1", ["web-1"]),
+        ("/v1/health/checks/web?node-meta=rack:r2", ["web-2-alive"]),
+        ("/v1/health/state/any?node-meta=rack:r1", ["web-1-alive"]),
+        ("/v1/health/state/critical?node-meta=zone:a", ["web-2-alive"]),
+    ],
+)
+async def test_node_meta_keeps_what_is_on_matching_nodes(
+    agent: Agent, http: aiohttp.ClientSession, path: str, expected: object
+) -> None:
+    await _seeded(agent, http)
+    status, body, headers = await get(http, path)
+    assert status == 200 and "X-Consul-Index" in headers
+    assert _names(body) == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/catalog/nodes", "/v1/catalog/services", "/v1/catalog/service/web",
+     "/v1/health/service/web", "/v1/health/checks/web", "/v1/health/state/any"],
+)  # fmt: skip
+async def test_a_malformed_node_meta_is_400(
+    agent: Agent, http: aiohttp.ClientSession, path: str
+) -> None:
+    await wait_node_registered(agent)
+    for bad in ("rack", ":r1", "rack=r1"):
+        async with http.get(path, params=[("node-meta", "zone:a"), ("node-meta", bad)]) as r:
+            text = await r.text()
+            assert r.status == 400 and "Invalid node-meta filter" in text and bad in text
+
+
+@pytest.mark.parametrize(
+    ("path", "expression", "expected"),
+    [
+        ("/v1/catalog/nodes", 'Meta.rack == "r1"', ["box1"]),
+        ("/v1/catalog/nodes", "Meta is empty", ["node1"]),
+        ("/v1/catalog/services", "ServiceTags contains v2", {"web": ["v2"]}),
+        ("/v1/catalog/services", 'ServiceName == "consul" or NodeMeta.rack == r1',
+         {"consul": [], "web": ["blue", "v1"]}),
+        ("/v1/catalog/service/web", "NodeMeta.rack == r2", ["web-2"]),
+        ("/v1/catalog/service/web", 'ServiceMeta.version matches "^1\\\\."', ["web-1"]),
+        ("/v1/catalog/service/web", "ServicePort == 8080 and v1 in ServiceTags", ["web-1"]),
+        ("/v1/catalog/node/box1", "Port == 8080", ["web-1"]),
+        ("/v1/catalog/node/box1", "Port == 1", []),
+        ("/v1/health/service/web", "Checks.Status == critical", ["web-2"]),
+        ("/v1/health/service/web", 'Node.Meta["zone"] == a and Service.Meta.version != "2.0"',
+         ["web-1"]),
+        ("/v1/health/checks/web", "Status == passing", ["web-1-alive"]),
+        ("/v1/health/checks/web", 'Output contains "503"', ["web-2-alive"]),
+        ("/v1/health/node/box2", "Status != passing", ["web-2-alive"]),
+        ("/v1/health/node/node1", "ServiceName != \"\"", []),
+        ("/v1/health/state/any", "ServiceName == web", ["web-1-alive", "web-2-alive"]),
+        ("/v1/health/state/passing", "CheckID == serfHealth", ["serfHealth"]),
+    ],
+)  # fmt: skip
+async def test_filter_runs_on_each_item_of_the_answer(
+    agent: Agent, http: aiohttp.ClientSession, path: str, expression: str, expected: object
+) -> None:
+    await _seeded(agent, http)
+    async with http.get(path, params={"filter": expression}) as r:
+        assert r.status == 200, await r.text()
+        assert "X-Consul-Index" in r.headers
+        assert _names(await r.json()) == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/catalog/nodes", "/v1/catalog/services", "/v1/catalog/service/web",
+     "/v1/catalog/node/box1", "/v1/health/service/web", "/v1/health/checks/web",
+     "/v1/health/node/box1", "/v1/health/state/any"],
+)  # fmt: skip
+async def test_a_bad_filter_is_400_with_consuls_message(
+    agent: Agent, http: aiohttp.ClientSession, path: str
+) -> None:
+    await wait_node_registered(agent)
+    for expression, detail in (("Bogus == 1", 'Selector "Bogus" is not valid'),
+                               ("foo", "1:4 (3): no match found, expected: ")):  # fmt: skip
+        t0 = time.monotonic()
+        async with http.get(path, params={"filter": expression, "index": "1",
+                                          "wait": "10s"}) as r:  # fmt: skip
+            assert r.status == 400
+            assert (await r.text()).startswith(
+                "Failed to create boolean expression evaluator: " + detail
+            )
+        assert time.monotonic() - t0 < 2  # refused before it could block
+
+
+# ----- every blocking read: times out with the same index, wakes early on a write -----
+
+
+@dataclass
+class Ctx:
+    http: aiohttp.ClientSession
+    agent: Agent
+    session: str = ""
+
+
+async def _ok(r: aiohttp.ClientResponse) -> None:
+    assert r.status == 200, await r.text()
+
+
+async def _reg(ctx: Ctx, body: dict[str, object]) -> None:
+    async with ctx.http.put("/v1/catalog/register", json=body) as r:
+        await _ok(r)
+
+
+def _web_check(status: str) -> dict[str, object]:
+    return {**WEB, "Check": {**WEB["Check"], "Status": status}}  # type: ignore[dict-item]
+
+
+async def _put(ctx: Ctx, key: str, value: bytes = b"x") -> None:
+    async with ctx.http.put(f"/v1/kv/{key}", data=value) as r:
+        await _ok(r)
+
+
+async def _new_session(ctx: Ctx) -> None:
+    async with ctx.http.put("/v1/session/create", json={"Name": "another"}) as r:
+        await _ok(r)
+
+
+async def _destroy_session(ctx: Ctx) -> None:
+    async with ctx.http.put(f"/v1/session/destroy/{ctx.session}") as r:
+        await _ok(r)
+
+
+async def _fire(ctx: Ctx) -> None:
+    async with ctx.http.put("/v1/event/fire/deploy", data=b"again") as r:
+        await _ok(r)
+
+
+BLOCKING_READS: list[tuple[str, Callable[[Ctx], Awaitable[None]]]] = [
+    ("/v1/catalog/nodes", lambda ctx: _reg(ctx, {"Node": "box9", "Address": "10.9.0.1"})),
+    ("/v1/catalog/services", lambda ctx: _reg(ctx, {"Node": "box9", "Address": "10.9.0.1",
+                                                    "Service": {"Service": "db"}})),
+    ("/v1/catalog/service/web", lambda ctx: _reg(ctx, {**WEB, "Service": {
+        **WEB["Service"], "Port": 9090}})),  # type: ignore[dict-item]
+    ("/v1/catalog/node/box1", lambda ctx: _reg(ctx, {"Node": "box1", "Address": "10.1.0.1",
+                                                     "Service": {"Service": "extra"}})),
+    ("/v1/health/service/web", lambda ctx: _reg(ctx, _web_check("critical"))),
+    ("/v1/health/checks/web", lambda ctx: _reg(ctx, _web_check("warning"))),
+    ("/v1/health/node/box1", lambda ctx: _reg(ctx, _web_check("critical"))),
+    ("/v1/health/state/critical", lambda ctx: _reg(ctx, _web_check("critical"))),
+    ("/v1/health/state/any", lambda ctx: _reg(ctx, _web_check("warning"))),
+    ("/v1/kv/blk/key", lambda ctx: _put(ctx, "blk/key", b"changed")),
+    ("/v1/kv/blk/?recurse", lambda ctx: _put(ctx, "blk/other")),
+    ("/v1/kv/blk/?keys", lambda ctx: _put(ctx, "blk/new")),
+    ("/v1/session/info/{session}", _destroy_session),
+    ("/v1/session/list", _new_session),
+    ("/v1/session/node/node1", _new_session),
+    ("/v1/event/list", _fire),
+]  # fmt: skip
+
+
+async def _blocked(http: aiohttp.ClientSession, path: str) -> tuple[int, dict[str, str], float]:
+    async with http.get(path) as r:
+        await r.read()
+        return r.status, dict(r.headers), time.monotonic()
+
+
+@pytest.mark.parametrize(("path", "write"), BLOCKING_READS, ids=[p for p, _ in BLOCKING_READS])
+async def test_every_blocking_read(
+    agent: Agent, http: aiohttp.ClientSession, path: str, write: Callable[[Ctx], Awaitable[None]]
+) -> None:
+    await wait_node_registered(agent)
+    ctx = Ctx(http, agent)
+    await _reg(ctx, WEB)
+    await _put(ctx, "blk/key")
+    async with http.put("/v1/session/create", json={"Name": "watched"}) as r:
+        ctx.session = (await r.json())["ID"]
+    async with http.put("/v1/event/fire/deploy", data=b"v1") as r:
+        await _ok(r)
+    for _ in range(50):  # the event reaches the agent's list through its event pump
+        if (await get(http, "/v1/event/list"))[1]:
+            break
+        await asyncio.sleep(0.01)
+    path = path.format(session=ctx.session)
+    sep = "&" if "?" in path else "?"
+    status, _, headers = await get(http, path)
+    assert status == 200
+    index = headers["X-Consul-Index"]
+    assert int(index) >= 1
+
+    # nothing changes: the full wait (plus at most wait/16 of jitter), and the same index
+    t0 = time.monotonic()
+    status, _, headers = await get(http, f"{path}{sep}index={index}&wait=300ms")
+    waited = time.monotonic() - t0
+    assert status == 200 and headers["X-Consul-Index"] == index
+    assert 0.3 <= waited < 0.3 + 0.3 / 16 + 1.0
+
+    # a relevant write: back within 100 ms of the write's answer, with a new index
+    task = asyncio.create_task(_blocked(http, f"{path}{sep}index={index}&wait=10s"))
+    try:
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        await write(ctx)
+        written = time.monotonic()
+        status, headers, returned = await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert status == 200 and returned - written < 0.1, (status, returned - written)
+    if path == "/v1/event/list":  # an event index is a hash of the newest event: it changes
+        assert headers["X-Consul-Index"] != index
+    else:
+        assert int(headers["X-Consul-Index"]) > int(index)
+
+
+async def test_reads_of_missing_things_carry_an_index_and_block(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    await wait_node_registered(agent)
+    await _put(Ctx(http, agent), "elsewhere")
+    # an unknown KV key is a 404 with X-Consul-Index; it blocks like a found one
+    status, _, headers = await get(http, "/v1/kv/absent")
+    assert status == 404 and int(headers["X-Consul-Index"]) >= 1
+    index = headers["X-Consul-Index"]
+    t0 = time.monotonic()
+    status, _, headers = await get(http, f"/v1/kv/absent?index={index}&wait=300ms")
+    assert status == 404 and headers["X-Consul-Index"] == index
+    assert headers["X-Consul-KnownLeader"] == "true" and time.monotonic() - t0 >= 0.3
+    task = asyncio.create_task(_blocked(http, f"/v1/kv/absent?index={index}&wait=10s"))
+    try:
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        await _put(Ctx(http, agent), "absent")
+        written = time.monotonic()
+        status, headers, returned = await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert status == 200 and returned - written < 0.1
+    assert int(headers["X-Consul-Index"]) > int(index)
+    # an unknown session: Consul answers 200 [] (py-consul's info() gives None), with an
+    # index, and the read blocks all the same
+    ghost = str(uuid.uuid4())
+    status, body, headers = await get(http, f"/v1/session/info/{ghost}")
+    assert status == 200 and body == [] and int(headers["X-Consul-Index"]) >= 1
+    index = headers["X-Consul-Index"]
+    t0 = time.monotonic()
+    status, body, headers = await get(http, f"/v1/session/info/{ghost}?index={index}&wait=300ms")
+    assert body == [] and headers["X-Consul-Index"] == index and time.monotonic() - t0 >= 0.3

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from node.state import StateStore
 from node.state import commands as c
-from node.state.catalog import Catalog
+from node.state.catalog import Catalog, has_tag, meta_matches
 from tests.harness.state import StoreDriver as C
 from tests.harness.state import stored_data
 
@@ -329,3 +330,120 @@ def test_service_indexes_survive_snapshot_and_restore() -> None:
     # restored through Raft: every index moves to the restore entry's
     assert z.apply(10, c.state_restore(x.store.snapshot())).ok
     assert [z.catalog.service_index(n) for n in ("a", "b", "ghost")] == [10, 10, 10]
+
+
+# ----- names in any case, tags in lower case (Consul's Lowercase memdb indexes) -----
+
+
+def _mixed_case() -> C:
+    x = C()
+    x.ok(c.register("Box1", "10.0.0.1", service={"ID": "w1", "Service": "Web", "Tags": ["Prod"]},
+                    checks=[{"CheckID": "w1-alive", "ServiceID": "w1", "Status": "passing"}],
+                    now=0.0))  # fmt: skip
+    x.ok(c.register("box2", "10.0.0.2", service={"ID": "w2", "Service": "web", "Tags": ["v1"]},
+                    checks=[{"CheckID": "w2-alive", "ServiceID": "w2", "Status": "critical"}],
+                    now=0.0))  # fmt: skip
+    return x
+
+
+def test_service_reads_match_the_name_in_any_case() -> None:
+    cg = _mixed_case().store.catalog
+    for name in ("web", "Web", "WEB"):
+        assert [i["ServiceID"] for i in cg.service_nodes(name, any_case=True)] == ["w1", "w2"]
+        assert [e["Service"]["ID"] for e in cg.health_service(name, any_case=True)] == ["w1", "w2"]
+        assert [ch["CheckID"] for ch in cg.service_checks(name, any_case=True)] == [
+            "w1-alive", "w2-alive"]  # fmt: skip
+    # without any_case a read takes the exact spelling (what node/dns/resolver.py relies on)
+    assert [i["ServiceID"] for i in cg.service_nodes("Web")] == ["w1"]
+    assert cg.service_nodes("WEB") == [] == cg.health_service("WEB")
+    assert cg.service_names("wEB") == ["Web", "web"] and cg.service_names("db") == []
+    assert cg.list_services() == {"Web": ["Prod"], "web": ["v1"]}
+
+
+def test_tags_compare_in_lower_case() -> None:
+    cg = _mixed_case().store.catalog
+    for tag in ("prod", "PROD", "Prod"):
+        assert [i["ServiceID"] for i in cg.service_nodes("web", tag, any_case=True)] == ["w1"]
+    assert [e["Service"]["ID"] for e in cg.health_service("web", "V1", any_case=True)] == ["w2"]
+    assert cg.service_nodes("web", "v2", any_case=True) == []
+
+
+def test_nodes_resolve_in_any_case() -> None:
+    x = _mixed_case()
+    cg = x.store.catalog
+    assert cg.resolve_node("box1") == "Box1" == cg.resolve_node("BOX1")
+    assert cg.resolve_node("Box2") == "box2" and cg.resolve_node("box3") is None
+    x.ok(c.register("BOX2", "10.0.0.3", now=0.0))  # another node that differs only in case
+    assert cg.resolve_node("box2") == "box2" and cg.resolve_node("BOX2") == "BOX2"  # exact first
+    assert cg.resolve_node("Box2") == "BOX2"  # else the first spelling in sort order
+    x.ok(c.deregister("BOX2", now=0.0))
+    x.ok(c.deregister("Box1", now=0.0))
+    assert cg.resolve_node("box1") is None and cg.resolve_node("BOX2") == "box2"
+
+
+def test_every_spelling_of_a_service_shares_one_index() -> None:
+    x = _mixed_case()
+    store = x.store
+    assert store.table_index("service.Web") == store.table_index("service.web") == 2
+    assert "service.Web" not in dict(store._p.env.table_indexes.items())
+    x.ok(c.register("box2", "10.0.0.2", checks=[{"CheckID": "w2-alive", "ServiceID": "w2",
+                                                 "Status": "passing"}], now=0.0))  # fmt: skip
+    assert store.catalog.service_index("WEB") == store.catalog.service_index("Web") == 3
+    # one spelling losing its instances is not the service's extinction
+    x.ok(c.deregister("box2", service_id="w2", now=0.0))
+    envs = dict(store._p.env.table_indexes.items())
+    assert envs["service.web"] == 4 and "service_last_extinction" not in envs
+    x.ok(c.deregister("Box1", service_id="w1", now=0.0))
+    envs = dict(store._p.env.table_indexes.items())
+    assert "service.web" not in envs and envs["service_last_extinction"] == 5
+    assert store.catalog.service_index("Web") == 5
+
+
+def test_a_watch_of_one_spelling_is_woken_by_a_write_to_another() -> None:
+    x = _mixed_case()
+    touched: list[frozenset[str]] = []
+    x.store._notify = touched.append
+    x.ok(c.register("box2", "10.0.0.2", service={"ID": "w2", "Service": "web", "Port": 1},
+                    now=0.0))  # fmt: skip
+    assert "service.web" in touched[-1]
+    x.ok(c.register("Box1", "10.0.0.1", service={"ID": "w1", "Service": "WEB"}, now=0.0))
+    assert "service.web" in touched[-1]  # renamed within its own spelling family
+
+
+def test_old_snapshots_with_case_sensitive_service_indexes_are_folded() -> None:
+    x = _mixed_case()
+    obj = msgpack.unpackb(x.store.snapshot(), raw=False, strict_map_key=False)
+    obj["table_indexes"] = [[t, i] for t, i in obj["table_indexes"] if t != "service.web"]
+    obj["table_indexes"] += [["service.Web", 1], ["service.WEB", 2]]
+    z = StateStore()
+    z.restore(msgpack.packb(obj, use_bin_type=True))
+    envs = dict(z._p.env.table_indexes.items())
+    assert envs["service.web"] == 2 and not {"service.Web", "service.WEB"} & set(envs)
+    assert z.catalog.service_index("web") == 2
+
+
+def test_list_services_keeps_the_instances_a_predicate_passes() -> None:
+    x = _mixed_case()
+    primary = {"ID": "d1", "Service": "db", "Tags": ["primary"]}
+    replica = {"ID": "d2", "Service": "db", "Tags": ["replica"]}
+    x.ok(c.register("box3", "10.0.0.3", node_meta={"rack": "r1"}, service=primary, now=0.0))
+    x.ok(c.register("box4", "10.0.0.4", service=replica, now=0.0))
+    cg = x.store.catalog
+    seen: list[str] = []
+
+    def on_rack_r1(instance: dict[str, object]) -> bool:
+        seen.append(str(instance["ServiceID"]))
+        return instance["NodeMeta"] == {"rack": "r1"}
+
+    assert cg.list_services(on_rack_r1) == {"db": ["primary"]}  # web has no passing instance
+    assert sorted(seen) == ["d1", "d2", "w1", "w2"]
+    assert cg.list_services(lambda i: True) == cg.list_services()
+
+
+def test_meta_matches() -> None:
+    assert meta_matches({"a": "1", "b": "2"}, {"a": "1", "b": "2"})
+    assert meta_matches({"a": "1"}, {})
+    assert not meta_matches({"a": "1"}, {"a": "2"})
+    assert not meta_matches({"a": "1"}, {"A": "1"})  # keys and values are exact, as Consul
+    assert not meta_matches({}, {"a": ""})
+    assert has_tag(["Prod"], "pROD") and not has_tag(["Prod"], "prod2")

@@ -4,6 +4,11 @@ Reads block on the catalog's table indexes (`?index=&wait=`) and honour the cons
 like every other read; writes (`/v1/catalog/register|deregister`) go through Raft. The reads of
 one service (catalog/service, health/service, health/checks) wait only on that service's index,
 so a write elsewhere in the catalog does not wake them.
+
+As in Consul, service and node names in the path match in any case, `?tag=` compares in lower
+case, `?node-meta=key:value` (repeatable) keeps what is on nodes with all those pairs, and
+`?filter=` (node/api/filter.py) runs on each item of the answer; the index a read answers with
+is the unfiltered data's, so a filtered watch wakes on any change to what it filters.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -27,8 +32,18 @@ from node.api.common import (
     text_error,
     write_command,
 )
+from node.api.filter import (
+    CHECK_SERVICE_NODE_SCHEMA,
+    HEALTH_CHECK_SCHEMA,
+    NODE_SCHEMA,
+    NODE_SERVICE_SCHEMA,
+    SERVICE_NODE_SCHEMA,
+    Filter,
+    Schema,
+    request_filter,
+)
 from node.state import commands as cmd
-from node.state.catalog import service_index_name
+from node.state.catalog import has_tag, meta_matches, service_index_name
 from node.state.commands import CHECK_SPEC, NODE_SPEC, SERVICE_SPEC
 
 __all__ = ["ROUTES", "canonical"]
@@ -157,68 +172,172 @@ async def catalog_datacenters(request: web.Request) -> web.StreamResponse:
     return json_response(request, [agent_of(request).config.datacenter])
 
 
+class _Query(NamedTuple):
+    """A read's ?node-meta= pairs and ?filter=, checked before anything blocks."""
+
+    meta: dict[str, str]
+    filter: Filter
+
+    @property
+    def narrows(self) -> bool:
+        return bool(self.meta) or not self.filter.everything
+
+
+def _query(request: web.Request, schema: Schema, node_meta: bool = True) -> _Query | web.Response:
+    if (err := check_dc(request)) is not None:  # Consul forwards (and fails) before filtering
+        return err
+    meta: dict[str, str] = {}
+    if node_meta:  # Consul keeps the last value of a key given twice
+        for raw in request.query.getall("node-meta", []):
+            key, sep, value = raw.partition(":")
+            if not sep or not key:
+                return text_error(400, f"Invalid node-meta filter {json.dumps(raw)}: "
+                                       "expected key:value")  # fmt: skip
+            meta[key] = value
+    flt = request_filter(request, schema)
+    if isinstance(flt, web.Response):
+        return flt
+    return _Query(meta, flt)
+
+
+def _on_meta_nodes(
+    items: list[dict[str, Any]], meta: dict[str, str], node_meta: Callable[[Any], Any]
+) -> list[dict[str, Any]]:
+    if not meta:
+        return items
+    out = []
+    for item in items:
+        have = node_meta(item)
+        if have is not None and meta_matches(have, meta):
+            out.append(item)
+    return out
+
+
 async def catalog_nodes(request: web.Request) -> web.StreamResponse:
+    q = _query(request, NODE_SCHEMA)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (NODES,), catalog.list_nodes)
+
+    def compute() -> list[dict[str, Any]]:
+        nodes = _on_meta_nodes(catalog.list_nodes(), q.meta, lambda n: n["Meta"])
+        return q.filter.select(nodes)
+
+    return await _read(request, (NODES,), compute)
 
 
 async def catalog_services(request: web.Request) -> web.StreamResponse:
+    q = _query(request, SERVICE_NODE_SCHEMA)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (SERVICES,), catalog.list_services)
+    if not q.narrows:
+        return await _read(request, (SERVICES,), catalog.list_services)
+
+    def keep(instance: dict[str, Any]) -> bool:
+        return meta_matches(instance["NodeMeta"], q.meta) and q.filter(instance)
+
+    # node meta counts now: Consul's ServicesByNodeMeta answers with max(nodes, services)
+    return await _read(request, (NODES, SERVICES), lambda: catalog.list_services(keep))
 
 
 def _tags(request: web.Request) -> list[str]:
-    """Every ?tag= given: an instance must carry all of them (Consul 1.9+)."""
+    """Every ?tag= given: an instance must carry all of them (Consul 1.9+), in any case."""
     return request.query.getall("tag", [])
 
 
 def _with_tags(items: list[dict[str, Any]], tags: list[str], field: Callable[[Any], Any]) -> Any:
-    return [i for i in items if all(t in field(i) for t in tags)]
+    return [i for i in items if all(has_tag(field(i), t) for t in tags)]
 
 
 async def catalog_service(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
     tags = _tags(request)
+    q = _query(request, SERVICE_NODE_SCHEMA)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
+
+    def compute() -> list[dict[str, Any]]:
+        items = catalog.service_nodes(name, tags[0] if tags else None, any_case=True)
+        items = _on_meta_nodes(_with_tags(items, tags, lambda i: i["ServiceTags"]), q.meta,
+                               lambda i: i["NodeMeta"])  # fmt: skip
+        return q.filter.select(items)
+
     # Consul's ServiceNodes: maxIndexForService without checks (the pseudo-table's own index)
-    return await _read(request, (service_index_name(name),), lambda: _with_tags(
-        catalog.service_nodes(name, tags[0] if tags else None), tags,
-        lambda i: i["ServiceTags"]))  # fmt: skip
+    return await _read(request, (service_index_name(name),), compute)
 
 
 async def catalog_node(request: web.Request) -> web.StreamResponse:
     name = request.match_info["node"]
+    q = _query(request, NODE_SERVICE_SCHEMA, node_meta=False)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
-    # Consul answers null (200) for an unknown node
-    return await _read(request, (NODES, SERVICES), lambda: catalog.node_services(name))
+
+    def compute() -> dict[str, Any] | None:
+        found = catalog.resolve_node(name)
+        out = None if found is None else catalog.node_services(found)
+        if out is not None:  # Consul filters the Services map, not the node
+            out["Services"] = q.filter.select_values(out["Services"])
+        return out  # Consul answers null (200) for an unknown node
+
+    return await _read(request, (NODES, SERVICES), compute)
 
 
 async def health_service(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
     tags = _tags(request)
     passing = flag(request, "passing") and request.query["passing"].lower() not in ("0", "false")
+    q = _query(request, CHECK_SERVICE_NODE_SCHEMA)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
+
+    def compute() -> list[dict[str, Any]]:
+        items = catalog.health_service(name, tags[0] if tags else None, passing, any_case=True)
+        items = _on_meta_nodes(_with_tags(items, tags, lambda i: i["Service"]["Tags"]), q.meta,
+                               lambda i: i["Node"]["Meta"])  # fmt: skip
+        return q.filter.select(items)
+
     # Consul's CheckServiceNodes: maxIndexForService with checks (only its fallback differs)
-    return await _read(request, (service_index_name(name),), lambda: _with_tags(
-        catalog.health_service(name, tags[0] if tags else None, passing), tags,
-        lambda i: i["Service"]["Tags"]),
-        lambda: catalog.service_index(name, checks=True))  # fmt: skip
+    return await _read(request, (service_index_name(name),), compute,
+                       lambda: catalog.service_index(name, checks=True))  # fmt: skip
 
 
 async def health_checks(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
+    q = _query(request, HEALTH_CHECK_SCHEMA)
+    if isinstance(q, web.Response):
+        return q
     store = consensus_of(request).store
+    catalog = store.catalog
+
+    def compute() -> list[dict[str, Any]]:
+        checks = catalog.service_checks(name, any_case=True)
+        checks = _on_meta_nodes(checks, q.meta, lambda c: catalog.node_meta(c["Node"]))
+        return q.filter.select(checks)
+
     # Consul's ServiceChecks answers with the checks table's index but wakes only for the
-    # service's checks: wait on the service's index (which every change to them moves).
-    return await _read(request, (service_index_name(name),),
-                       lambda: store.catalog.service_checks(name),
-                       lambda: store.table_index(CHECKS))  # fmt: skip
+    # service's checks: wait on the service's index (which every change to them moves, and
+    # every change to the nodes hosting it, whose meta ?node-meta= reads).
+    index_tables = (NODES, CHECKS) if q.meta else (CHECKS,)
+    return await _read(request, (service_index_name(name),), compute,
+                       lambda: store.table_index(index_tables))  # fmt: skip
 
 
 async def health_node(request: web.Request) -> web.StreamResponse:
     name = request.match_info["node"]
+    q = _query(request, HEALTH_CHECK_SCHEMA, node_meta=False)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (CHECKS,), lambda: catalog.node_checks(name))
+
+    def compute() -> list[dict[str, Any]]:
+        found = catalog.resolve_node(name)
+        return [] if found is None else q.filter.select(catalog.node_checks(found))
+
+    return await _read(request, (CHECKS,), compute)
 
 
 async def health_state(request: web.Request) -> web.StreamResponse:
@@ -226,8 +345,18 @@ async def health_state(request: web.Request) -> web.StreamResponse:
     if state not in CHECK_STATES:
         return text_error(400, f"Invalid check state {state!r}: use one of "
                                f"{', '.join(CHECK_STATES)}")  # fmt: skip
+    q = _query(request, HEALTH_CHECK_SCHEMA)
+    if isinstance(q, web.Response):
+        return q
     catalog = consensus_of(request).store.catalog
-    return await _read(request, (CHECKS,), lambda: catalog.checks_in_state(state))
+
+    def compute() -> list[dict[str, Any]]:
+        checks = catalog.checks_in_state(state)
+        checks = _on_meta_nodes(checks, q.meta, lambda c: catalog.node_meta(c["Node"]))
+        return q.filter.select(checks)
+
+    # with ?node-meta= a node's meta changes the answer too (Consul adds the nodes table)
+    return await _read(request, (NODES, CHECKS) if q.meta else (CHECKS,), compute)
 
 
 ROUTES: list[tuple[str, str, Handler]] = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_KEY",
     "DEFAULT_QUERY_TIME",
+    "JITTER_FRACTION",
     "MAX_QUERY_TIME",
     "Handler",
     "agent_of",
@@ -44,7 +46,11 @@ AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 #: Consul caps blocking queries at 10 minutes and defaults to 5 when only ?index is given.
 MAX_QUERY_TIME = 600.0
 DEFAULT_QUERY_TIME = 300.0
+#: Consul's JitterFraction: a blocking wait gets a random extra of up to wait/16
+JITTER_FRACTION = 16
 WRITE_TIMEOUT = 10.0
+MAX_U64 = 2**64 - 1
+_DECIMAL = re.compile(r"[0-9]+")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,21 +96,27 @@ def consistency_mode(request: web.Request) -> str | web.Response:
 
 
 def blocking_params(request: web.Request) -> tuple[int, float] | web.Response:
+    """(?index=, ?wait= in seconds) as Consul's parseWait reads them: an empty value is no
+    value, the index is a decimal uint64, the wait a Go duration (a sign is allowed, and zero
+    or less means the default). A blocking query (an index, or a ?hash=) waits 5 minutes by
+    default and at most 10; `wait` without either does not block (the caller checks index)."""
     q = request.query
     index = 0
-    if "index" in q:
-        try:
-            index = int(q["index"])
-            if index < 0:
-                raise ValueError
-        except ValueError:
+    raw_index = q.get("index", "")
+    if raw_index:
+        if not _DECIMAL.fullmatch(raw_index) or int(raw_index) > MAX_U64:
             return text_error(400, "Invalid index")
+        index = int(raw_index)
     wait = 0.0
-    if "wait" in q:
+    raw_wait = q.get("wait", "")
+    if raw_wait:
+        sign = raw_wait[0] if raw_wait[0] in "+-" else ""
         try:
-            wait = parse_duration(q["wait"])
+            wait = parse_duration(raw_wait[len(sign) :])
         except ValueError:
             return text_error(400, "Invalid wait time")
+        if sign == "-":
+            wait = 0.0
     if (index or q.get("hash")) and wait <= 0:  # ?hash=: a hash-based blocking query
         wait = DEFAULT_QUERY_TIME
     return index, min(wait, MAX_QUERY_TIME)
@@ -138,7 +150,7 @@ async def blocking_read(
     min_index, wait = params
     consensus = consensus_of(request)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait + (random.uniform(0, wait / 16) if wait else 0.0)
+    deadline = loop.time() + wait + (random.uniform(0, wait / JITTER_FRACTION) if wait else 0.0)
     names = list(tables)
     while True:
         try:

@@ -9,6 +9,11 @@ every write that changes what a read of that service returns: the service's inst
 checks, and the nodes (and node-level checks) that host them. When the last instance goes, the
 entry is dropped and "service_last_extinction" moves instead, so memory follows the live
 services while a watcher of the vanished service still wakes to an empty list at a higher index.
+
+Names are looked up as Consul's memdb indexes do (`Lowercase: true` on node and service names):
+the reads take `any_case=True` (or `resolve_node`) to match any spelling, tags compare in lower
+case, and the per-service index is keyed by the lower-cased name, so "Web" and "web" share one.
+Rows keep the spelling they were registered with.
 """
 
 from __future__ import annotations
@@ -32,8 +37,20 @@ _STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
 
 
 def service_index_name(service: str) -> str:
-    """The pseudo-table a blocking read of one service waits on (the store resolves it)."""
-    return SERVICE_INDEX_PREFIX + service
+    """The pseudo-table a blocking read of one service waits on (the store resolves it);
+    case-insensitive like Consul's service-name index."""
+    return SERVICE_INDEX_PREFIX + service.lower()
+
+
+def has_tag(tags: list[str], tag: str) -> bool:
+    """Consul's serviceTagFilter: both sides lower-cased."""
+    want = tag.lower()
+    return any(t.lower() == want for t in tags)
+
+
+def meta_matches(meta: dict[str, Any], filters: dict[str, str]) -> bool:
+    """Consul's SatisfiesMetaFilters (?node-meta=): every key present with exactly that value."""
+    return all(k in meta and meta[k] == v for k, v in filters.items())
 
 
 def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -79,6 +96,8 @@ class Catalog:
         self._node_ids: dict[str, str] = {}  # node ID -> node name
         self._svc_by_node: dict[str, dict[str, None]] = {}
         self._svc_by_name: dict[str, dict[ServiceKey, None]] = {}
+        self._names_by_fold: dict[str, dict[str, None]] = {}  # lower-case name -> names
+        self._nodes_by_fold: dict[str, dict[str, None]] = {}  # lower-case node -> nodes
         self._chk_by_node: dict[str, dict[str, None]] = {}
         self._chk_by_service: dict[ServiceKey, dict[str, None]] = {}
         self._chk_by_state: dict[str, dict[CheckKey, None]] = {}
@@ -93,14 +112,21 @@ class Catalog:
             self._node_ids.pop(old["ID"], None)
         if new is not MISSING and new["ID"]:
             self._node_ids[new["ID"]] = name
+        if new is MISSING:
+            _remove(self._nodes_by_fold, name.lower(), name)
+        else:
+            _add(self._nodes_by_fold, name.lower(), name)
 
     def _on_service(self, key: ServiceKey, old: Any, new: Any) -> None:
         if old is not MISSING:
             _remove(self._svc_by_node, key[0], key[1])
             _remove(self._svc_by_name, old["Service"], key)
+            if old["Service"] not in self._svc_by_name:
+                _remove(self._names_by_fold, old["Service"].lower(), old["Service"])
         if new is not MISSING:
             _add(self._svc_by_node, key[0], key[1])
             _add(self._svc_by_name, new["Service"], key)
+            _add(self._names_by_fold, new["Service"].lower(), new["Service"])
 
     def _on_check(self, key: CheckKey, old: Any, new: Any) -> None:
         if old is not MISSING:
@@ -305,7 +331,7 @@ class Catalog:
         """An instance of `service` was deleted or renamed away (Consul's deleteServiceTxn):
         bump its index, or when it was the last one drop the index and move the extinction
         index, which the read then answers with (higher than any index the service had)."""
-        if service in self._svc_by_name:
+        if service.lower() in self._names_by_fold:  # another instance, maybe spelt otherwise
             self._bump_service(service)
         else:
             self.env.drop(service_index_name(service))
@@ -316,7 +342,7 @@ class Catalog:
         one without instances the last extinction's; failing both the catalog tables' max
         (with `checks` for the health reads). Blocking reads wait on service_index_name()."""
         env = self.env
-        if service not in self._svc_by_name:
+        if service.lower() not in self._names_by_fold:
             extinct = env.table_indexes.get(SERVICE_EXTINCTION)
             if extinct is not None:
                 return extinct
@@ -378,6 +404,23 @@ class Catalog:
         chk = self.checks.get((node, check_id))
         return None if chk is None else str(chk["Status"])
 
+    def resolve_node(self, name: str) -> str | None:
+        """The catalog's spelling of a node named in any case (Consul's node index is
+        case-insensitive): the exact name if there is one, else the first in sort order."""
+        if name in self.nodes:
+            return name
+        names = self._nodes_by_fold.get(name.lower())
+        return min(names) if names else None
+
+    def service_names(self, service: str) -> list[str]:
+        """Every spelling of `service` that has instances (Consul's index folds case)."""
+        return sorted(self._names_by_fold.get(service.lower(), {}))
+
+    def node_meta(self, name: str) -> dict[str, Any] | None:
+        """A node's Meta, read-only (no copy: for filtering, never hand it out)."""
+        row = self.nodes.get(name)
+        return None if row is None else row["Meta"]
+
     def node(self, name: str) -> dict[str, Any] | None:
         """Node JSON: ID, Node, Address, Datacenter, TaggedAddresses, Meta, Create/ModifyIndex."""
         row = self.nodes.get(name)
@@ -407,71 +450,94 @@ class Catalog:
         }
         return {"Node": node, "Services": services}
 
-    def list_services(self) -> dict[str, list[str]]:
-        """catalog/services: {name: sorted unique tags}."""
+    def list_services(
+        self, where: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, list[str]]:
+        """catalog/services: {name: sorted unique tags}. With `where`, only the instances whose
+        flattened CatalogService passes count (Consul's ?node-meta= and ?filter=), and a name
+        none of whose instances pass is left out."""
         out: dict[str, list[str]] = {}
         for name in sorted(self._svc_by_name):
             tags: set[str] = set()
-            for key in self._svc_by_name[name]:
+            kept = where is None
+            for key in sorted(self._svc_by_name[name]):
                 svc = self.services.get(key)
                 assert svc is not None
+                if where is not None:
+                    node = self.nodes.get(key[0])
+                    assert node is not None
+                    if not where(self._service_node(node, svc)):
+                        continue
+                    kept = True
                 tags.update(svc["Tags"])
-            out[name] = sorted(tags)
+            if kept:
+                out[name] = sorted(tags)
         return out
 
+    def _service_keys(self, service: str, any_case: bool) -> list[ServiceKey]:
+        if not any_case:
+            return sorted(self._svc_by_name.get(service, {}))
+        keys: list[ServiceKey] = []
+        for name in self._names_by_fold.get(service.lower(), {}):
+            keys.extend(self._svc_by_name[name])
+        return sorted(keys)
+
     def _instances(
-        self, service: str, tag: str | None
+        self, service: str, tag: str | None, any_case: bool = False
     ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         out = []
-        for key in sorted(self._svc_by_name.get(service, {})):
+        for key in self._service_keys(service, any_case):
             svc = self.services.get(key)
             node = self.nodes.get(key[0])
             assert svc is not None and node is not None
-            if tag is not None and tag not in svc["Tags"]:
+            if tag is not None and not has_tag(svc["Tags"], tag):
                 continue
             out.append((node, svc))
         return out
 
-    def service_nodes(self, service: str, tag: str | None = None) -> list[dict[str, Any]]:
-        """catalog/service/:s: flattened CatalogService objects."""
-        out = []
-        for node, svc in self._instances(service, tag):
-            out.append(
-                {
-                    "ID": node["ID"],
-                    "Node": node["Node"],
-                    "Address": node["Address"],
-                    "Datacenter": node["Datacenter"],
-                    "TaggedAddresses": clone(node["TaggedAddresses"]),
-                    "NodeMeta": clone(node["Meta"]),
-                    "ServiceKind": svc["Kind"],
-                    "ServiceID": svc["ID"],
-                    "ServiceName": svc["Service"],
-                    "ServiceTags": list(svc["Tags"]),
-                    "ServiceAddress": svc["Address"],
-                    "ServiceTaggedAddresses": clone(svc["TaggedAddresses"]),
-                    "ServiceWeights": clone(svc["Weights"]),
-                    "ServiceMeta": clone(svc["Meta"]),
-                    "ServicePort": svc["Port"],
-                    "ServiceSocketPath": svc["SocketPath"],
-                    "ServiceEnableTagOverride": svc["EnableTagOverride"],
-                    "ServiceProxy": clone(svc["Proxy"]),
-                    "ServiceConnect": clone(svc["Connect"]),
-                    "ServiceLocality": clone(svc["Locality"]),
-                    "CreateIndex": svc["CreateIndex"],
-                    "ModifyIndex": svc["ModifyIndex"],
-                }
-            )
-        return out
+    @staticmethod
+    def _service_node(node: dict[str, Any], svc: dict[str, Any]) -> dict[str, Any]:
+        """One instance flattened with its node: Consul's CatalogService (ServiceNode)."""
+        return {
+            "ID": node["ID"],
+            "Node": node["Node"],
+            "Address": node["Address"],
+            "Datacenter": node["Datacenter"],
+            "TaggedAddresses": clone(node["TaggedAddresses"]),
+            "NodeMeta": clone(node["Meta"]),
+            "ServiceKind": svc["Kind"],
+            "ServiceID": svc["ID"],
+            "ServiceName": svc["Service"],
+            "ServiceTags": list(svc["Tags"]),
+            "ServiceAddress": svc["Address"],
+            "ServiceTaggedAddresses": clone(svc["TaggedAddresses"]),
+            "ServiceWeights": clone(svc["Weights"]),
+            "ServiceMeta": clone(svc["Meta"]),
+            "ServicePort": svc["Port"],
+            "ServiceSocketPath": svc["SocketPath"],
+            "ServiceEnableTagOverride": svc["EnableTagOverride"],
+            "ServiceProxy": clone(svc["Proxy"]),
+            "ServiceConnect": clone(svc["Connect"]),
+            "ServiceLocality": clone(svc["Locality"]),
+            "CreateIndex": svc["CreateIndex"],
+            "ModifyIndex": svc["ModifyIndex"],
+        }
+
+    def service_nodes(
+        self, service: str, tag: str | None = None, *, any_case: bool = False
+    ) -> list[dict[str, Any]]:
+        """catalog/service/:s: flattened CatalogService objects; `any_case` matches the name
+        in any case, as Consul (the tag always compares in lower case)."""
+        return [self._service_node(n, s) for n, s in self._instances(service, tag, any_case)]
 
     def node_checks(self, node: str) -> list[dict[str, Any]]:
         """health/node/:n."""
         return [clone(self.checks.get((node, c))) for c in sorted(self._chk_by_node.get(node, {}))]
 
-    def service_checks(self, service: str) -> list[dict[str, Any]]:
+    def service_checks(self, service: str, *, any_case: bool = False) -> list[dict[str, Any]]:
         """health/checks/:s: the checks of every instance of the service."""
         out = []
-        for node, sid in sorted(self._svc_by_name.get(service, {})):
+        for node, sid in self._service_keys(service, any_case):
             for cid in sorted(self._chk_by_service.get((node, sid), {})):
                 out.append(clone(self.checks.get((node, cid))))
         return out
@@ -482,11 +548,16 @@ class Catalog:
         return [clone(self.checks.get(k)) for k in keys]
 
     def health_service(
-        self, service: str, tag: str | None = None, passing_only: bool = False
+        self,
+        service: str,
+        tag: str | None = None,
+        passing_only: bool = False,
+        *,
+        any_case: bool = False,
     ) -> list[dict[str, Any]]:
         """health/service/:s: [{"Node", "Service", "Checks"}] with node and service checks."""
         out = []
-        for node, svc in self._instances(service, tag):
+        for node, svc in self._instances(service, tag, any_case):
             name = node["Node"]
             checks = [self.checks.get((name, c)) for c in sorted(self._chk_by_node.get(name, {}))]
             relevant = [c for c in checks if c is not None and c["ServiceID"] in ("", svc["ID"])]
@@ -523,6 +594,8 @@ class Catalog:
         self._node_ids = {}
         self._svc_by_node = {}
         self._svc_by_name = {}
+        self._names_by_fold = {}
+        self._nodes_by_fold = {}
         self._chk_by_node = {}
         self._chk_by_service = {}
         self._chk_by_state = {}
