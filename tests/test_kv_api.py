@@ -259,6 +259,35 @@ async def test_snapshot_save_and_restore(http: aiohttp.ClientSession) -> None:
     assert isinstance(body, list) and base64.b64decode(body[0]["Value"]) == b"before"
 
 
+async def test_a_restore_wakes_blocked_reads(http: aiohttp.ClientSession) -> None:
+    """A restore replaces everything: every blocked read returns at once, even one whose index
+    goes back (a prefix read's index is its entries' highest ModifyIndex, which the restore set
+    back; Consul answers those too, and its clients reset to 0 on a lower index)."""
+    await put(http, "tree/a", b"1")
+    async with http.get("/v1/snapshot") as r:
+        archive = await r.read()
+    await put(http, "tree/b", b"2")
+    _, _, headers = await get(http, "/v1/kv/tree/?recurse")
+    index = int(headers["X-Consul-Index"])
+
+    async def blocked(path: str) -> tuple[float, int]:
+        async with http.get(f"{path}index={index}&wait=10s") as r:
+            await r.read()
+            return time.monotonic(), int(r.headers["X-Consul-Index"])
+
+    waiters = [asyncio.create_task(blocked(p)) for p in
+               ("/v1/kv/tree/?recurse&", "/v1/kv/tree/a?", "/v1/kv/tree/?keys&")]  # fmt: skip
+    await asyncio.sleep(0.2)
+    assert not any(w.done() for w in waiters)
+    async with http.put("/v1/snapshot", data=archive) as r:
+        assert r.status == 200, await r.text()
+    restored = time.monotonic()
+    for woke, new_index in await asyncio.wait_for(asyncio.gather(*waiters), 5):
+        assert new_index != index and woke - restored < 0.5
+    status, keys, _ = await get(http, "/v1/kv/tree/?keys")
+    assert status == 200 and keys == ["tree/a"]
+
+
 # ----- /v1/session -----
 
 

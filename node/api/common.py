@@ -152,6 +152,7 @@ async def blocking_read(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait + (random.uniform(0, wait / JITTER_FRACTION) if wait else 0.0)
     names = list(tables)
+    restores = consensus.store.watch.restores
     while True:
         try:
             await consensus.read_barrier(mode)
@@ -159,7 +160,8 @@ async def blocking_read(
             return text_error(500, "No cluster leader")
         index, resp = run()
         remaining = deadline - loop.time()
-        if not min_index or index > min_index or remaining <= 0:
+        restored = consensus.store.watch.restores != restores  # the index may even go back
+        if not min_index or index > min_index or remaining <= 0 or restored:
             set_query_meta(resp, consensus, index)
             return resp
         # wait for a write after what this read saw (a write elsewhere in the tables wakes

@@ -17,6 +17,7 @@ class Watch:
         self._index_of = index_of
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._all: set[asyncio.Future[None]] = set()
+        self.restores = 0
 
     async def wait(self, tables: Iterable[str], min_index: int, timeout: float) -> int:
         """Return the tables' index once it exceeds `min_index`, or the current one on timeout.
@@ -68,7 +69,10 @@ class Watch:
                 fut.set_result(None)
 
     def notify_all(self) -> None:
-        """A restore replaced the state: every waiter must re-run its query."""
+        """A restore replaced the state: every waiter must re-run its query, and answer even
+        if its result's index did not move (`restores` tells it so; Consul abandons every
+        blocking query on a restore the same way)."""
+        self.restores += 1
         self.notify(list(self._waiters))
 
     def waiting(self) -> int:
