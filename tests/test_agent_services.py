@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -669,3 +670,24 @@ def test_a_restarted_agent_puts_its_services_back_into_a_catalog_that_lost_its_n
                    desc="and its check")  # fmt: skip
     finally:
         a.stop()
+
+
+async def test_agent_services_and_checks_take_a_filter(http: aiohttp.ClientSession) -> None:
+    """?filter= on /v1/agent/services and /v1/agent/checks, Consul's expression language."""
+    for body in ({"Name": "api", "ID": "api-1", "Tags": ["v1"], "Meta": {"env": "prod"},
+                  "Check": {"TTL": "30s"}},
+                 {"Name": "api", "ID": "api-2", "Tags": ["v2"], "Meta": {"env": "dev"}},
+                 {"Name": "db", "Port": 5432}):  # fmt: skip
+        assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    for expr, want in (('Service == "api"', ["api-1", "api-2"]),
+                       ('v1 in Tags', ["api-1"]),
+                       ('Meta.env == "dev" or Port == 5432', ["api-2", "db"]),
+                       ('Service != "api" and Service != "db"', [])):  # fmt: skip
+        assert sorted(await get(http, f"/v1/agent/services?filter={quote(expr)}")) == want, expr
+    assert list(await get(http, "/v1/agent/checks?filter=" + quote('ServiceID == "api-1"'))) == [
+        "service:api-1"]  # fmt: skip
+    assert await get(http, "/v1/agent/checks?filter=" + quote('Status == "passing"')) == {}
+    for path in ("/v1/agent/services", "/v1/agent/checks"):
+        async with http.get(path, params={"filter": "Service =="}) as r:
+            assert r.status == 400
+            assert (await r.text()).startswith("Failed to create boolean expression evaluator")

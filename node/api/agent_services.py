@@ -19,6 +19,7 @@ from node.api.common import (
     json_response,
     text_error,
 )
+from node.api.filter import AGENT_CHECK_SCHEMA, AGENT_SERVICE_SCHEMA, request_filter
 from node.registration import RegistrationError
 
 if TYPE_CHECKING:
@@ -82,9 +83,11 @@ async def service_deregister(request: web.Request) -> web.StreamResponse:
 
 
 async def services(request: web.Request) -> web.StreamResponse:
-    local = _local(request)
-    return json_response(request, {k: _service_json(request, v)
-                                   for k, v in sorted(local.services.items())})  # fmt: skip
+    local, f = _local(request), request_filter(request, AGENT_SERVICE_SCHEMA)
+    if isinstance(f, web.Response):
+        return f
+    everything = {k: _service_json(request, v) for k, v in sorted(local.services.items())}
+    return json_response(request, f.select_values(everything))
 
 
 def _content_hash(obj: Any) -> str:
@@ -116,9 +119,11 @@ async def service(request: web.Request) -> web.StreamResponse:
 
 
 async def checks(request: web.Request) -> web.StreamResponse:
-    local = _local(request)
-    return json_response(request, {cid: _check_json(request, local, cid)
-                                   for cid in sorted(local.checks)})  # fmt: skip
+    local, f = _local(request), request_filter(request, AGENT_CHECK_SCHEMA)
+    if isinstance(f, web.Response):
+        return f
+    everything = {cid: _check_json(request, local, cid) for cid in sorted(local.checks)}
+    return json_response(request, f.select_values(everything))
 
 
 async def check_register(request: web.Request) -> web.StreamResponse:
