@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dns.exception
@@ -45,7 +45,6 @@ T = dns.rdatatype
 #: Every answer depends on these tables only: a reply rendered at one of their indexes stays
 #: right until it moves (the server's cache and the SOA serial both use it).
 CATALOG_TABLES = ("nodes", "services", "checks")
-_NAME_TABLES = ("nodes", "services")
 
 _KINDS = ("service", "node", "addr")
 _ANY_TAG = ("tcp", "udp")  # RFC 2782 protocol labels, not tags
@@ -59,16 +58,6 @@ class DNSConfig:
     datacenter: str = "dc1"
     node_ttl: int = 0
     service_ttl: int = 0
-
-
-@dataclass(slots=True)
-class _Names:
-    """Catalog names by their lower-case form, for case-insensitive lookups."""
-
-    store: StateStore | None = None
-    index: int = -1
-    services: dict[str, list[str]] = field(default_factory=dict)
-    nodes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _addr_type(ip: str) -> dns.rdatatype.RdataType | None:
@@ -99,7 +88,6 @@ class Resolver:
         self.config = config
         self.origin = dns.name.from_text(config.domain).canonicalize()
         self.rng = rng or random.Random()
-        self._names = _Names()
 
     def in_domain(self, qname: dns.name.Name) -> bool:
         return qname.is_subdomain(self.origin)
@@ -170,36 +158,13 @@ class Resolver:
             return self._addr(head[0], qtype, resp)
         return None
 
-    def _catalog_names(self, store: StateStore) -> _Names:
-        """Lower-case name -> catalog names, rebuilt when nodes or services change (never for
-        check updates), and only on the path that renders a reply."""
-        index = store.table_index(_NAME_TABLES)
-        names = self._names
-        if names.store is store and names.index == index:
-            return names
-        services: dict[str, set[str]] = {}
-        for _, svc in store.catalog.services.items():
-            services.setdefault(svc["Service"].lower(), set()).add(svc["Service"])
-        nodes: dict[str, list[str]] = {}
-        for node in store.catalog.nodes:
-            nodes.setdefault(node.lower(), []).append(node)
-        self._names = _Names(
-            store, index, {k: sorted(v) for k, v in services.items()},
-            {k: sorted(v) for k, v in nodes.items()},
-        )  # fmt: skip
-        return self._names
-
     # -- services -----------------------------------------------------------------------------
 
     def _instances(self, store: StateStore, service: str, tag: str) -> list[dict[str, Any]]:
         """Passing instances of every catalog service whose name matches, with the tag if one
         is given (both compared in lower case, as Consul)."""
-        out: list[dict[str, Any]] = []
-        for name in self._catalog_names(store).services.get(service, ()):
-            for e in store.catalog.health_service(name, None, passing_only=True):
-                if not tag or any(t.lower() == tag for t in e["Service"]["Tags"]):
-                    out.append(e)
-        return out
+        return store.catalog.health_service(service, tag or None, passing_only=True,
+                                            any_case=True)  # fmt: skip
 
     def _service(
         self, store: StateStore, head: list[str], qtype: int, resp: dns.message.Message
@@ -261,8 +226,8 @@ class Resolver:
     def _node(
         self, store: StateStore, name: str, qtype: int, resp: dns.message.Message
     ) -> bool | None:
-        matches = self._catalog_names(store).nodes.get(name)
-        node = store.catalog.node(matches[0]) if matches else None
+        spelled = store.catalog.resolve_node(name)
+        node = store.catalog.node(spelled) if spelled is not None else None
         if node is None:
             return None
         qname = resp.question[0].name
