@@ -315,6 +315,9 @@ def test_consul_sd_scraper_follows_the_catalog(tmp_path: Path) -> None:
             (d["__meta_consul_service"], d["__address__"]) for d in dropped if d.get("job") == JOB
         ) == [("consul", f"{ip}:{server_port}"), ("db", "127.0.0.1:5432")]
         discovered_after = time.monotonic() - t0
+        # a quiet second: the scraper's watch on web now blocks until the change below (the
+        # request log must show a health query that really waited)
+        time.sleep(1.0)
 
         # a critical check: the scraper keeps the target and reports the aggregated health
         register(
