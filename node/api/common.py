@@ -28,6 +28,7 @@ __all__ = [
     "MAX_QUERY_TIME",
     "Handler",
     "agent_of",
+    "blocking_deadline",
     "blocking_params",
     "blocking_read",
     "check_dc",
@@ -129,6 +130,13 @@ def set_query_meta(resp: web.StreamResponse, consensus: Consensus, index: int) -
     resp.headers["X-Consul-LastContact"] = str(consensus.last_contact_ms())
 
 
+def blocking_deadline(wait: float) -> float:
+    """When a blocking query of `wait` seconds answers (event-loop time): Consul adds up to
+    wait/16 of jitter so that watchers of the same change do not all come back at once."""
+    jitter = random.uniform(0, wait / JITTER_FRACTION) if wait else 0.0
+    return asyncio.get_running_loop().time() + wait + jitter
+
+
 async def blocking_read(
     request: web.Request,
     tables: Iterable[str],
@@ -150,7 +158,7 @@ async def blocking_read(
     min_index, wait = params
     consensus = consensus_of(request)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait + (random.uniform(0, wait / JITTER_FRACTION) if wait else 0.0)
+    deadline = blocking_deadline(wait)
     names = list(tables)
     restores = consensus.store.watch.restores
     while True:

@@ -23,6 +23,7 @@ from node.api.common import (
     AGENT_KEY,
     Handler,
     agent_of,
+    blocking_deadline,
     blocking_params,
     check_dc,
     flag,
@@ -163,7 +164,7 @@ async def event_list(request: web.Request) -> web.StreamResponse:
     min_index, wait = params
     name = request.query.get("name") or None
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
+    deadline = blocking_deadline(wait)
     while True:
         version = agent.events.version
         events = agent.events.matching(name)
