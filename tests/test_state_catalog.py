@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 
 from node.state import StateStore
@@ -408,18 +407,6 @@ def test_a_watch_of_one_spelling_is_woken_by_a_write_to_another() -> None:
     assert "service.web" in touched[-1]
     x.ok(c.register("Box1", "10.0.0.1", service={"ID": "w1", "Service": "WEB"}, now=0.0))
     assert "service.web" in touched[-1]  # renamed within its own spelling family
-
-
-def test_old_snapshots_with_case_sensitive_service_indexes_are_folded() -> None:
-    x = _mixed_case()
-    obj = msgpack.unpackb(x.store.snapshot(), raw=False, strict_map_key=False)
-    obj["table_indexes"] = [[t, i] for t, i in obj["table_indexes"] if t != "service.web"]
-    obj["table_indexes"] += [["service.Web", 1], ["service.WEB", 2]]
-    z = StateStore()
-    z.restore(msgpack.packb(obj, use_bin_type=True))
-    envs = dict(z._p.env.table_indexes.items())
-    assert envs["service.web"] == 2 and not {"service.Web", "service.WEB"} & set(envs)
-    assert z.catalog.service_index("web") == 2
 
 
 def test_list_services_keeps_the_instances_a_predicate_passes() -> None:

@@ -71,19 +71,6 @@ class _Parts:
         self.tables = GenericTables(self.env)
 
 
-def _fold_service_indexes(rows: Any) -> dict[str, int]:
-    """Table indexes from a snapshot, with per-service indexes keyed in lower case (snapshots
-    taken before service names were folded may hold "service.Web"): spellings of one name
-    merge into the highest index."""
-    out: dict[str, int] = {}
-    for t, i in rows:
-        name = str(t)
-        if name.startswith(SERVICE_INDEX_PREFIX):
-            name = SERVICE_INDEX_PREFIX + name[len(SERVICE_INDEX_PREFIX) :].lower()
-        out[name] = max(out.get(name, 0), int(i))
-    return out
-
-
 def _q(s: str) -> str:
     """Go's %q, for error texts that match Consul's."""
     return json.dumps(s, ensure_ascii=False)
@@ -460,7 +447,7 @@ class StateStore:
             if not isinstance(obj, dict) or obj.get("version") != SNAPSHOT_VERSION:
                 raise ValueError(f"unsupported snapshot version {obj.get('version')!r}")
             fresh = _Parts()
-            fresh.env.table_indexes.load(_fold_service_indexes(obj["table_indexes"]))
+            fresh.env.table_indexes.load({str(t): int(i) for t, i in obj["table_indexes"]})
             fresh.kv.load(obj["kv"])
             fresh.sessions.load(obj["sessions"])
             fresh.catalog.load(obj["catalog"])
