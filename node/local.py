@@ -39,6 +39,7 @@ log = structlog.get_logger("node.local")
 CHECK_UPDATE_INTERVAL = 300.0  # Consul's check_update_interval default
 SIDECAR_SUFFIX = "-sidecar-proxy"
 SIDECAR_PORTS = range(21000, 21256)  # Consul's connect.sidecar_min_port..sidecar_max_port
+RETRY_AFTER_FAILURE = 1.0  # a check round that failed (a bug) is retried this soon at the least
 
 
 def _running() -> bool:
@@ -146,12 +147,13 @@ class LocalState:
     def _put_service(self, svc: dict[str, Any], checks: list[CheckSpec],
                      replace_checks: bool) -> None:  # fmt: skip
         sid = svc["ID"]
+        before = dict(self.checks)  # Consul's snapshotCheckState: what the new checks keep
         if replace_checks:
             for cid in [k for k, c in self.checks.items() if c.service_id == sid]:
                 self._drop_check(cid)
         self.services[sid] = svc
         for chk in checks:
-            self._put_check(chk)
+            self._put_check(chk, before.get(chk.id))
 
     def remove_service(self, sid: str) -> bool:
         if sid not in self.services:
@@ -222,12 +224,12 @@ class LocalState:
             chk.deferred.cancel()
             chk.deferred = None
         chk.set(status, output)
-        self._changed()
+        self._changed(persist=False)
 
     def _deferred_due(self, chk: CheckSpec) -> None:
         chk.deferred = None
         if self.checks.get(chk.id) is chk:
-            self._changed()
+            self._changed(persist=False)
 
     # -- runners --------------------------------------------------------------------------------
 
@@ -248,7 +250,11 @@ class LocalState:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
-    def _put_check(self, chk: CheckSpec) -> None:
+    def _put_check(self, chk: CheckSpec, prev: CheckSpec | None = None) -> None:
+        """A check registered again under its ID keeps its state (CheckSpec.restore)."""
+        prev = self.checks.get(chk.id) or prev
+        if prev is not None:
+            chk.restore(prev)
         if chk.id in self.checks:
             self._drop_check(chk.id)
         self.checks[chk.id] = chk
@@ -277,22 +283,32 @@ class LocalState:
 
     async def _runner(self, chk: CheckSpec) -> None:
         """One per check. A TTL check's runner is restarted by every update (so its timer is
-        exact); once expired it only wakes to reap the service (DeregisterCriticalServiceAfter)."""
+        exact); once expired it only wakes to reap the service (DeregisterCriticalServiceAfter).
+        A failed round is logged and the next comes an interval later: a check never freezes
+        silently at its last status."""
         while True:
-            if chk.kind in ("http", "tcp", "script"):
-                status, output = await probe(chk)
-                self._update(chk, status, output)
-                await asyncio.sleep(chk.interval)
-            elif chk.kind == "ttl" and chk.ttl_deadline > time.monotonic():
-                await asyncio.sleep(chk.ttl_deadline - time.monotonic())
-                if chk.status != "critical":  # Consul's wording, the last output kept
-                    self._update(chk, "critical", "TTL expired (last output before timeout "
-                                                  "follows): " + chk.output)  # fmt: skip
-            else:  # an expired TTL: nothing to do until an update or the reap
-                reap_in = chk.deregister_after - (time.monotonic() - chk.critical_since)
-                await asyncio.sleep(max(0.01, reap_in) if chk.deregister_after and
-                                    chk.critical_since else 3600.0)  # fmt: skip
-            self._deregister_if_critical_too_long(chk)
+            try:
+                await self._round(chk)
+            except Exception:
+                log.exception("local.check_round_failed", check=chk.id, service=chk.service_id)
+                await asyncio.sleep(max(chk.interval, RETRY_AFTER_FAILURE))
+
+    async def _round(self, chk: CheckSpec) -> None:
+        if chk.kind in ("http", "tcp", "script"):
+            status, output = await probe(chk)
+            self._update(chk, status, output)
+            await asyncio.sleep(chk.interval)
+        elif chk.kind == "ttl" and (chk.ttl_deadline > time.monotonic()
+                                    or chk.status != "critical"):  # fmt: skip
+            await asyncio.sleep(max(0.0, chk.ttl_deadline - time.monotonic()))
+            if chk.status != "critical":  # Consul's wording, the last output kept
+                self._update(chk, "critical", "TTL expired (last output before timeout "
+                                              "follows): " + chk.output)  # fmt: skip
+        else:  # an expired TTL: nothing to do until an update or the reap
+            reap_in = chk.deregister_after - (time.monotonic() - chk.critical_since)
+            await asyncio.sleep(max(0.01, reap_in) if chk.deregister_after and
+                                chk.critical_since else 3600.0)  # fmt: skip
+        self._deregister_if_critical_too_long(chk)
 
     def _deregister_if_critical_too_long(self, chk: CheckSpec) -> None:
         if (chk.deregister_after and chk.service_id and chk.critical_since
@@ -302,8 +318,11 @@ class LocalState:
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def _changed(self) -> None:
-        self.save()
+    def _changed(self, *, persist: bool = True) -> None:
+        """persist=False for a check's status or output: the file holds definitions only, so
+        a check run that changes something costs no disk write on the event loop."""
+        if persist:
+            self.save()
         self.on_change()
         for fut in self._waiters:
             if not fut.done():
@@ -315,9 +334,7 @@ class LocalState:
         fut = asyncio.get_running_loop().create_future()
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            pass
+            await asyncio.wait({fut}, timeout=timeout)
         finally:
             self._waiters.discard(fut)
 

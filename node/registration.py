@@ -86,6 +86,8 @@ def _is_any(address: str) -> bool:
 def _tagged_addresses(raw: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, value in _mapping(raw, "TaggedAddresses").items():
+        if not isinstance(value, dict):  # null too (Go would read it as an empty address)
+            raise RegistrationError(f"Invalid service: TaggedAddresses.{name} must be an object")
         addr = _canonical(value, _TAGGED_ADDRESS, f"TaggedAddresses.{name}")
         address, port = addr.get("Address", ""), addr.get("Port", 0)
         if not isinstance(address, str) or type(port) is not int or not 0 <= port <= 65535:

@@ -5,6 +5,7 @@ marked cluster drive real `meshnode agent` processes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -17,6 +18,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from node.agent import Agent
 from node.antientropy import AntiEntropy
@@ -691,3 +693,194 @@ async def test_agent_services_and_checks_take_a_filter(http: aiohttp.ClientSessi
         async with http.get(path, params={"filter": "Service =="}) as r:
             assert r.status == 400
             assert (await r.text()).startswith("Failed to create boolean expression evaluator")
+
+
+# ----- review of issue 4: bad values are 400s, checks keep running and keep their state -----
+
+
+async def test_malformed_registrations_are_a_400_not_a_500(http: aiohttp.ClientSession) -> None:
+    """Values that used to crash the handler (TaggedAddresses entry not an object) or a check
+    runner (a TCP port past 65535) are refused with a message naming what is wrong."""
+    for body, text in [
+        ({"Name": "x", "TaggedAddresses": {"lan": None}}, "TaggedAddresses.lan must be an object"),
+        ({"Name": "x", "TaggedAddresses": {"wan": "10.0.0.1"}}, "TaggedAddresses.wan must be"),
+        ({"Name": "x", "TaggedAddresses": {"lan_ipv4": [1]}}, "TaggedAddresses.lan_ipv4 must"),
+        ({"Name": "x", "Check": {"TCP": "127.0.0.1:99999", "Interval": "1s"}}, "1-65535"),
+        ({"Name": "x", "Check": {"TCP": "127.0.0.1:-1", "Interval": "1s"}}, "1-65535"),
+        ({"Name": "x", "Check": {"TCP": "127.0.0.1:web", "Interval": "1s"}}, "1-65535"),
+        ({"Name": "x", "Check": {"TTL": "1" + "0" * 400 + "h"}}, "invalid TTL"),
+        ({"Name": "x", "Check": {"TTL": "1s", "Interval": 10**400}}, "invalid Interval"),
+    ]:
+        status, msg = await put(http, "/v1/agent/service/register", body)
+        assert status == 400 and text in msg, (body, status, msg)
+    status, msg = await put(http, "/v1/agent/check/register",
+                            {"Name": "c", "TCP": "127.0.0.1:70000", "Interval": "1s"})  # fmt: skip
+    assert status == 400 and "1-65535" in msg
+    assert await get(http, "/v1/agent/services") == {}
+    assert await get(http, "/v1/agent/checks") == {}
+
+
+async def test_nan_and_infinity_tokens_are_refused_as_go_does(http: aiohttp.ClientSession) -> None:
+    """Python's json takes the bare NaN/Infinity tokens and 1e999 (an infinity); Go's decoder
+    refuses them, and a NaN duration froze the check's runner."""
+    service = '{"Name": "x", "Check": {"TTL": "1s", "DeregisterCriticalServiceAfter": %s}}'
+    for path, template in [("/v1/agent/service/register", service),
+                           ("/v1/agent/check/register", '{"Name": "c", "TTL": %s}'),
+                           ("/v1/agent/check/register",
+                            '{"Name": "c", "HTTP": "http://127.0.0.1:1/", "Interval": %s}'),
+                           ]:  # fmt: skip
+        for token, text in [("NaN", "invalid character 'N' looking for beginning of value"),
+                            ("Infinity", "invalid character 'I' looking for beginning of value"),
+                            ("-Infinity", "invalid character 'I' in numeric literal"),
+                            ("1e999", "cannot unmarshal number 1e999")]:  # fmt: skip
+            async with http.put(path, data=(template % token).encode()) as r:
+                msg = await r.text()
+                assert r.status == 400 and msg.startswith("Request decode failed: "), msg
+                assert text in msg, (path, token, msg)
+    assert await put(http, "/v1/agent/check/register", {"Name": "ok", "TTL": "5s"}) == (200, "")
+    async with http.put("/v1/agent/check/update/ok", data=b'{"Status": NaN}') as r:
+        assert r.status == 400
+    assert await get(http, "/v1/agent/services") == {}
+    assert list(await get(http, "/v1/agent/checks")) == ["ok"]
+
+
+async def test_a_check_runner_survives_a_failed_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that raises (a bug) is logged and the check runs again an interval later: it
+    must not freeze at its last status with its runner gone."""
+    import node.local
+
+    calls: list[str] = []
+
+    async def flaky_probe(chk: Any) -> tuple[str, str]:
+        calls.append(chk.id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a probe")
+        return "passing", f"run {len(calls)}"
+
+    monkeypatch.setattr(node.local, "probe", flaky_probe)
+    monkeypatch.setattr(node.local, "RETRY_AFTER_FAILURE", 0.05, raising=False)
+    local = LocalState(None)
+    local.add_service({"Name": "w", "Check": {"TCP": "127.0.0.1:1", "Interval": "1s"}})
+    chk = local.checks["service:w"]
+    chk.interval = 0.05  # (definitions clamp to 1 s; the test need not wait that long)
+    try:
+        with capture_logs() as logs:
+            deadline = time.monotonic() + 5
+            while len(calls) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        assert len(calls) >= 3, "the runner stopped after the failed round"
+        assert chk.status == "passing" and chk.output.startswith("run ")
+        failed = [e for e in logs if e["event"] == "local.check_round_failed"]
+        assert [e["check"] for e in failed] == ["service:w"]
+    finally:
+        await local.stop()
+
+
+async def test_a_status_change_does_not_rewrite_the_definitions_file(tmp_path: Path) -> None:
+    """local-services.json holds definitions only: a check's status or output changes wake
+    anti-entropy and blocked readers but write nothing; (de)registrations write it."""
+    path = tmp_path / "local-services.json"
+    changes: list[None] = []
+    local = LocalState(path, on_change=lambda: changes.append(None), run_checks=False)
+
+    def stamp() -> tuple[int, int]:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+
+    local.add_service({"Name": "w", "Check": {"TTL": "30s"}})
+    written, before = stamp(), len(changes)
+    waiter = asyncio.create_task(local.wait_changed(10.0))
+    await asyncio.sleep(0)
+    for status, output in (("passing", "ok"), ("warning", "slow"), ("warning", "slower")):
+        local.update_check("service:w", status, output)
+    await asyncio.wait_for(waiter, 2)  # woken by the status change, not the 10 s timeout
+    assert len(changes) > before and stamp() == written
+    assert json.loads(path.read_text())["services"][0]["ID"] == "w"
+    local.add_service({"Name": "v"})
+    assert stamp() != written
+    written = stamp()
+    local.add_check({"Name": "disk", "TTL": "30s"})
+    assert stamp() != written
+    written = stamp()
+    assert local.remove_service("v") and stamp() != written
+    started = time.monotonic()
+    await local.wait_changed(0.05)  # nothing changes: the timeout ends it
+    assert 0.04 <= time.monotonic() - started < 2.0
+
+
+async def test_re_registering_a_service_keeps_its_checks_state(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    """Consul's "Restore the fields from the snapshot": registering a service again (as
+    registrator or nomad do periodically), with or without ?replace-existing-checks, keeps each
+    check's status, output, critical-since and TTL deadline, so nothing flaps to critical."""
+    body = {"Name": "keep", "Port": 1, "Checks": [
+        {"CheckID": "beat", "TTL": "30s"},
+        {"CheckID": "down", "TTL": "30s", "DeregisterCriticalServiceAfter": "1h"},
+    ]}  # fmt: skip
+    assert await put(http, "/v1/agent/service/register", body) == (200, "")
+    assert await put(http, "/v1/agent/check/pass/beat?note=alive") == (200, "")
+    assert await put(http, "/v1/agent/check/fail/down?note=broken") == (200, "")
+    want = {"beat": ("passing", "alive"), "down": ("critical", "broken")}
+
+    async def catalog_state() -> dict[str, tuple[str, str]]:
+        found = await get(http, "/v1/health/checks/keep")
+        return {c["CheckID"]: (c["Status"], c["Output"]) for c in found}
+
+    await eventually(lambda: _async_eq(catalog_state, want))
+    local = agent.local
+    assert local is not None
+    deadline, since = local.checks["beat"].ttl_deadline, local.checks["down"].critical_since
+    for query in ("", "?replace-existing-checks", "?replace-existing-checks=true"):
+        assert await put(http, f"/v1/agent/service/register{query}", body) == (200, ""), query
+        checks = await get(http, "/v1/agent/checks")
+        assert {k: (v["Status"], v["Output"]) for k, v in checks.items()} == want, query
+        assert local.checks["beat"].ttl_deadline == deadline  # a registration is no heartbeat
+        assert local.checks["down"].critical_since == since  # the reap clock keeps running
+        assert await anti_entropy(agent).sync_once() == 0  # nothing for the catalog to follow
+    assert await catalog_state() == want
+
+
+async def _async_eq(read: Callable[[], Awaitable[Any]], want: Any) -> bool:
+    return bool(await read() == want)
+
+
+def test_a_changed_definition_keeps_the_state_as_consul_does() -> None:
+    """The snapshot is keyed by check ID alone in Consul, so the state survives a new TTL, a
+    new kind and a Status in the new definition; a new TTL counts from the last update."""
+    local = LocalState(None, run_checks=False)
+    local.add_service({"Name": "w", "Check": {"TTL": "10s"}})
+    local.update_check("service:w", "warning", "slow")
+    old = local.checks["service:w"]
+    local.add_service({"Name": "w", "Check": {"TTL": "30s", "Status": "critical"}})
+    new = local.checks["service:w"]
+    assert new is not old and (new.ttl, new.status, new.output) == (30.0, "warning", "slow")
+    assert new.ttl_deadline == pytest.approx(old.ttl_deadline + 20.0)
+    local.add_service({"Name": "w", "Check": {"HTTP": "http://127.0.0.1:1/", "Interval": "5s"}})
+    http = local.checks["service:w"]
+    assert (http.kind, http.status, http.output) == ("http", "warning", "slow")
+    # a check the new definition does not name is gone with ?replace-existing-checks; one
+    # registered afresh under that ID later starts as a new check does
+    local.add_service({"Name": "w"}, replace_checks=True)
+    assert local.checks == {}
+    local.add_service({"Name": "w", "Check": {"TTL": "10s"}})
+    assert (local.checks["service:w"].status, local.checks["service:w"].output) == ("critical", "")
+
+
+async def test_a_restored_ttl_past_its_deadline_expires_at_once() -> None:
+    """A TTL check registered again keeps its last update time: when the new TTL has already
+    run out since then, the check turns critical at once instead of staying passing."""
+    local = LocalState(None)
+    try:
+        local.add_service({"Name": "w", "Check": {"TTL": "30s"}})
+        local.update_check("service:w", "passing", "ok")
+        local.checks["service:w"].ttl_deadline = time.monotonic() - 0.5  # updated 30.5 s ago
+        local.add_service({"Name": "w", "Check": {"TTL": "30s"}})
+        chk = local.checks["service:w"]
+        deadline = time.monotonic() + 2
+        while chk.status == "passing" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert (chk.status, chk.output) == (
+            "critical", "TTL expired (last output before timeout follows): ok")  # fmt: skip
+    finally:
+        await local.stop()

@@ -55,6 +55,36 @@ def test_definition_rules() -> None:
         CheckSpec({"ID": "x", "Args": ["true"], "Interval": "1s"})
 
 
+def test_durations_must_be_finite_and_fit_gos_duration() -> None:
+    """NaN or infinite durations (TOML has them; JSON bodies are refused before this) and
+    ones past Go's int64 nanoseconds are refused naming the field: a runner sleeping NaN
+    seconds never wakes again."""
+    too_long = ("1" + "0" * 400 + "h", "3000000h", 10**400, 2.0**64)
+    for raw in (float("nan"), float("inf"), float("-inf"), *too_long):
+        for name in ("TTL", "Interval", "Timeout", "DeregisterCriticalServiceAfter"):
+            with pytest.raises(CheckError, match=f"invalid {name}"):
+                CheckSpec({"ID": "x", "TTL": "1s"} | {name: raw})
+    top = CheckSpec({"ID": "x", "TTL": "2562047h"})
+    assert top.ttl == 2562047 * 3600.0
+
+
+def test_a_tcp_check_needs_a_numeric_port_in_range() -> None:
+    """A port past 65535 made the probe raise OverflowError and end the check's runner."""
+    for target in ("127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1:0",
+                   "127.0.0.1:http", "127.0.0.1:", "[::1]:1e3", "h:\u0663"):  # fmt: skip
+        with pytest.raises(CheckError, match="port in 1-65535"):
+            spec(ID="t", TCP=target, Interval="1s")
+    assert spec(ID="t", TCP="[::1]:65535", Interval="1s").tcp == "[::1]:65535"
+    assert spec(ID="t", TCP="localhost:1", Interval="1s").tcp == "localhost:1"
+
+
+async def test_a_probe_never_raises() -> None:
+    chk = spec(ID="t", TCP="127.0.0.1:1", Interval="1s")
+    chk.tcp = "127.0.0.1:99999"  # past the definition's rule: what used to escape the probe
+    status, output = await probe(chk)
+    assert status == "critical" and "OverflowError" in output, output
+
+
 def test_output_is_capped_and_critical_since_follows_the_status() -> None:
     c = spec(ID="t", TTL="1s")
     assert c.critical_since > 0

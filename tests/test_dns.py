@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import cast
 
 import dns.flags
@@ -20,9 +21,10 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
+from structlog.testing import capture_logs
 
 from node.dns.resolver import DNSConfig
-from node.dns.server import CATALOG_TABLES, Responder
+from node.dns.server import CATALOG_TABLES, DNSServer, Responder
 from node.state import commands as c
 from tests.harness.agents import AgentProc, free_port, wait_until
 from tests.harness.state import StoreDriver
@@ -476,6 +478,109 @@ def test_ipv6_instances_answer_aaaa(driver: StoreDriver) -> None:
         f"{hexed}.addr.consul. AAAA fd00::31"
     ]
     assert records(ask(r, "v6.node.consul", "AAAA")) == ["v6.node.consul. AAAA fd00::30"]
+
+
+def test_a_scoped_ipv6_address_is_no_ip_and_breaks_nothing(driver: StoreDriver) -> None:
+    """`fe80::1%eth0` parses as an IP in Python but no record can carry its zone: such an
+    instance or node is left out (no address, no CNAME to a "name" with a colon), the others
+    are answered as before."""
+    instance(driver, "n40", "10.0.0.40", "ll", port=81)
+    instance(driver, "n41", "10.0.0.41", "ll", port=82, svc_addr="fe80::1%eth0")
+    instance(driver, "n42", "fe80::2%eth0", "ll", port=83)
+    r = responder(driver)
+    for rdtype in ("A", "AAAA", "ANY", "SRV"):
+        assert ask(r, "ll.service.consul", rdtype).rcode() == dns.rcode.NOERROR, rdtype
+    assert records(ask(r, "ll.service.consul")) == ["ll.service.consul. A 10.0.0.40"]
+    assert ask(r, "ll.service.consul", "AAAA").answer == []
+    assert records(ask(r, "ll.service.consul", "SRV")) == [
+        "ll.service.consul. SRV 1 1 81 n40.node.dc1.consul."
+    ]
+    for rdtype in ("A", "AAAA", "ANY"):
+        resp = ask(r, "n42.node.consul", rdtype)
+        assert resp.rcode() == dns.rcode.NOERROR and resp.answer == [], rdtype
+    assert r.stats.servfail == 0
+
+
+def test_a_long_node_meta_value_is_split_into_character_strings(driver: StoreDriver) -> None:
+    """RFC 1035: a TXT character-string holds at most 255 bytes; a longer text is several of
+    them in one record (clients join them). A value too large for any record is left out."""
+    meta = {"blob": "é" * 300, "huge": "y" * 70_000, "rack": "r9"}
+    driver.ok(c.register("big", "10.0.0.50", node_meta=meta, now=0.0))
+    r = responder(driver)
+    resp = ask(r, "big.node.consul", "TXT", limit=None)
+    assert resp.rcode() == dns.rcode.NOERROR
+    txts = [rd.strings for rr in resp.answer for rd in rr]
+    assert sorted(b"".join(s).decode() for s in txts) == ["blob=" + "é" * 300, "rack=r9"]
+    blob = next(s for s in txts if s[0].startswith(b"blob="))
+    assert [len(x) for x in blob] == [255, 255, 95]  # 605 bytes of UTF-8
+    any_resp = ask(r, "big.node.consul", "ANY", limit=None)
+    assert any_resp.rcode() == dns.rcode.NOERROR and count(any_resp) == 3  # A and two TXT
+    assert r.stats.servfail == 0
+
+
+def test_a_resolver_failure_is_servfail_and_logged_once(
+    driver: StoreDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the resolver cannot answer (a bug) is SERVFAIL, not silence; the failure is
+    cached like an answer, so it is logged once (with the name) until the catalog changes."""
+    r = responder(driver)
+    calls = []
+
+    def broken(query: dns.message.Message) -> dns.message.Message:
+        calls.append(query.question[0].name.to_text())
+        raise RuntimeError("cannot render this")
+
+    monkeypatch.setattr(r.resolver, "answer", broken)
+    with capture_logs() as logs:
+        for limit in (512, 512, 512, 512, 512, 512, None):
+            resp = ask(r, "web.service.consul", limit=limit)
+            assert resp.rcode() == dns.rcode.SERVFAIL and not resp.answer
+    failures = [e for e in logs if e["event"] == "dns.answer_failed"]
+    # once per transport's cache entry; the repeats over UDP came from the cache
+    assert [e["name"] for e in failures] == ["web.service.consul.", "web.service.consul."]
+    assert len(calls) == 2 and r.stats.servfail == 2 and r.stats.cache_hits == 5
+    register(driver, 5, tags=["v5"])  # the catalog moved: asked (and logged) again
+    with capture_logs() as logs:
+        assert ask(r, "web.service.consul").rcode() == dns.rcode.SERVFAIL
+    assert [e["event"] for e in logs] == ["dns.answer_failed"] and len(calls) == 3
+
+
+def test_a_resolver_failure_over_tcp_keeps_the_connection(
+    driver: StoreDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TCP the failing query is answered SERVFAIL and the next query on the same
+    connection is still answered (the connection used to be dropped)."""
+    agent = SimpleNamespace(config=SimpleNamespace(client="127.0.0.1", dns_port=0))
+    server = DNSServer(agent)  # type: ignore[arg-type]
+    server.responder = responder(driver)
+    real = server.responder.resolver.answer
+
+    def picky(query: dns.message.Message) -> dns.message.Message:
+        if query.question[0].name.labels[0] == b"n1":
+            raise RuntimeError("cannot render this")
+        return real(query)
+
+    monkeypatch.setattr(server.responder.resolver, "answer", picky)
+
+    async def run() -> list[int]:
+        tcp = await asyncio.start_server(server._serve_tcp, "127.0.0.1", 0)
+        port = tcp.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        rcodes = []
+        try:
+            for name in ("n1.node.consul", "web.service.consul"):
+                wire = dns.message.make_query(name, "A").to_wire()
+                writer.write(struct.pack("!H", len(wire)) + wire)
+                (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 5))
+                reply = dns.message.from_wire(await reader.readexactly(length))
+                rcodes.append(reply.rcode())
+        finally:
+            writer.close()
+            tcp.close()
+            await tcp.wait_closed()
+        return rcodes
+
+    assert asyncio.run(run()) == [dns.rcode.SERVFAIL, dns.rcode.NOERROR]
 
 
 def test_ttls_follow_the_configuration(driver: StoreDriver) -> None:

@@ -91,6 +91,45 @@ async def test_each_config_dir_check_runs_once(tmp_path: Path) -> None:
         await a.stop()
 
 
+async def test_a_config_dir_reload_keeps_the_checks_state(tmp_path: Path) -> None:
+    """SIGHUP re-registers every service of --config-dir (replacing its checks): each check
+    keeps its status, output, critical-since and TTL deadline, as Consul's reload does,
+    standalone checks too, instead of flapping everything to critical."""
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    web = {"service": {"name": "web", "checks": [
+        {"id": "web-ttl", "ttl": "60s"},
+        {"id": "web-down", "ttl": "60s", "deregister_critical_service_after": "1h"}]}}  # fmt: skip
+    (conf / "web.json").write_text(json.dumps(web))
+    (conf / "disk.json").write_text(json.dumps({"check": {"name": "disk", "ttl": "60s"}}))
+    a = Agent(make_config(tmp_path, dev=True, server_port=0, config_dir=str(conf)),
+              runtime_factory=partial(FakeRuntime, FakeWorld()))  # fmt: skip
+    a.add_component(Consensus(a))
+    ae = AntiEntropy(a)
+    a.add_component(ae)
+    await a.start()
+    try:
+        local = ae.local
+        local.update_check("web-ttl", "passing", "fine")
+        local.update_check("web-down", "critical", "broken")
+        local.update_check("disk", "warning", "90% full")
+
+        def state() -> dict[str, tuple[str, str, float, float]]:
+            return {cid: (c.status, c.output, c.critical_since, c.ttl_deadline)
+                    for cid, c in local.checks.items()}  # fmt: skip
+
+        before = state()
+        assert before["web-down"][2] > 0
+        await ae.reload()  # SIGHUP, the files unchanged
+        assert state() == before
+        web["service"]["port"] = 8080  # a changed service is re-registered all the same
+        (conf / "web.json").write_text(json.dumps(web))
+        await ae.reload()
+        assert local.services["web"]["Port"] == 8080 and state() == before
+    finally:
+        await a.stop()
+
+
 def agent_services(a: AgentProc) -> set[str]:
     status, body = a.http("GET", "/v1/agent/services")
     assert status == 200

@@ -11,6 +11,7 @@ only when the agent allows them; output is capped at 4 KiB. An HTTP check may ca
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = ["MAX_OUTPUT", "CheckError", "CheckSpec", "duration", "field", "fold",
 MAX_OUTPUT = 4096  # Consul keeps 4 KiB of check output
 DEFAULT_TIMEOUT = 10.0
 MIN_INTERVAL = 1.0
+MAX_DURATION = (2**63 - 1) / 1e9  # Go's time.Duration: int64 nanoseconds (about 292 years)
 
 
 class CheckError(ValueError):
@@ -40,6 +42,8 @@ def field(obj: dict[str, Any], name: str, default: Any = None) -> Any:
 
 
 def duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
+    """Seconds, within what Go's time.Duration holds: never NaN or infinite (a runner that
+    sleeps NaN seconds never wakes again)."""
     raw = field(obj, name)
     if raw in (None, ""):
         if required:
@@ -47,10 +51,25 @@ def duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
         return 0.0
     try:
         if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw) / 1e9  # Go's time.Duration in JSON: nanoseconds
-        return parse_duration(str(raw))
-    except ValueError as e:
+            seconds = float(raw) / 1e9  # Go's time.Duration in JSON: nanoseconds
+        else:
+            seconds = parse_duration(str(raw))
+    except (ValueError, OverflowError) as e:  # OverflowError: an int past any float
         raise CheckError(f"invalid {name}: {e}") from None
+    if not math.isfinite(seconds) or abs(seconds) > MAX_DURATION:
+        raise CheckError(f"invalid {name}: {raw!r} is not a finite duration of at most "
+                         "2562047h47m16.854775807s")  # fmt: skip
+    return seconds
+
+
+def _check_tcp_target(target: str) -> None:
+    """host:port with a numeric port in 1-65535 ([v6]:port for IPv6): anything else could
+    only fail at every run, or (a port past 65535) crash the probe."""
+    _, sep, port = target.rpartition(":")
+    if not sep:
+        raise CheckError(f"TCP must be host:port, got {target!r}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise CheckError(f"TCP must be host:port with a port in 1-65535, got {target!r}")
 
 
 def _frac(value: int, unit: int) -> str:
@@ -141,8 +160,8 @@ class CheckSpec:
                 )
             if not isinstance(self.args, list) or not all(isinstance(a, str) for a in self.args):
                 raise CheckError("Args must be a list of strings")
-        if self.kind == "tcp" and ":" not in self.tcp:
-            raise CheckError(f"TCP must be host:port, got {self.tcp!r}")
+        if self.kind == "tcp":
+            _check_tcp_target(self.tcp)
         status = field(obj, "Status")
         # Consul: TTL checks start critical; others start critical until their first run
         self.status = str(status) if status else "critical"
@@ -157,6 +176,19 @@ class CheckSpec:
         # an output-only change not yet written to the catalog (check_update_interval)
         self.deferred: asyncio.TimerHandle | None = None
         self.reported = False  # a first result (probe or update) has been recorded
+
+    def restore(self, prev: CheckSpec) -> None:
+        """Consul's addServiceInternal ("Restore the fields from the snapshot"): a check
+        registered again under its ID (a re-registration, a --config-dir reload) keeps its
+        status and output whatever its new definition says, its kind included, so it does
+        not flap to critical. It also keeps when it turned critical (the reap clock of
+        DeregisterCriticalServiceAfter) and, TTL to TTL, when it was last updated: a
+        re-registration is no heartbeat."""
+        self.status, self.output = prev.status, prev.output
+        self.critical_since = prev.critical_since
+        self.reported = prev.reported
+        if self.ttl and prev.ttl:
+            self.ttl_deadline = prev.ttl_deadline - prev.ttl + self.ttl
 
     @property
     def output_pending(self) -> bool:

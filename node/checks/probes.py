@@ -1,6 +1,6 @@
 """Running one check of each kind once: an HTTP request, a TCP connect, a script. Each returns
-(status, output) in Consul's wording; a failure to reach the target is a critical status, never
-an exception."""
+(status, output) in Consul's wording; a failure to reach the target (or anything else going
+wrong) is a critical status, never an exception."""
 
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ USER_AGENT = "Consul Health Check"  # Consul's checks.UserAgent; some targets ma
 
 
 async def probe(chk: CheckSpec) -> tuple[str, str]:
+    """Never raises (but CancelledError): whatever goes wrong is the check's critical output,
+    so a surprise in one probe cannot end the check's runner."""
     run = {"http": _http, "tcp": _tcp, "script": _script}[chk.kind]
-    return await run(chk)
+    try:
+        return await run(chk)
+    except Exception as e:
+        return "critical", f"{chk.kind} check failed: {type(e).__name__}: {e}"
 
 
 def _ssl_context(chk: CheckSpec) -> ssl.SSLContext | None:

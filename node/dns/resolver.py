@@ -34,6 +34,7 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.rrset
 
 from node.state import StateStore
@@ -50,6 +51,9 @@ _KINDS = ("service", "node", "addr")
 _ANY_TAG = ("tcp", "udp")  # RFC 2782 protocol labels, not tags
 _NS_MAX = 3  # Consul names at most three servers
 _SOA_TIMERS = "3600 600 86400 0"  # refresh, retry, expire, minimum (Consul's defaults)
+#: the longest TXT text kept: 255 character-strings of 255 bytes and their length bytes fit
+#: the 65535 bytes of one record's data; a larger Meta value is left out
+_TXT_MAX = 255 * 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +65,25 @@ class DNSConfig:
 
 
 def _addr_type(ip: str) -> dns.rdatatype.RdataType | None:
+    """A or AAAA for an IP; None for anything else, a scoped IPv6 address (`fe80::1%eth0`)
+    included: its zone means nothing to whoever asks, and no record can carry it."""
     try:
-        return T.AAAA if ipaddress.ip_address(ip).version == 6 else T.A
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+        return None
+    return T.AAAA if addr.version == 6 else T.A
+
+
+def _txt(text: str) -> dns.rdata.Rdata | None:
+    """One TXT record for `text`: as many character-strings of at most 255 bytes as it takes
+    (RFC 1035 3.3.14; a client joins them). None when it cannot fit in one record at all."""
+    raw = text.encode()
+    if len(raw) > _TXT_MAX:
+        return None
+    chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
+    return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, T.TXT, chunks)
 
 
 def _hex_ip(ip: str) -> str:
@@ -72,7 +91,10 @@ def _hex_ip(ip: str) -> str:
 
 
 def _hostname(text: str) -> dns.name.Name | None:
-    """The absolute name an address that is no IP stands for; None when it is no name."""
+    """The absolute name an address that is no IP stands for; None when it is no name (an
+    IPv6 address with a zone is none either)."""
+    if ":" in text:
+        return None
     try:
         name = dns.name.from_text(text.rstrip(".") + ".")
     except (dns.exception.DNSException, ValueError):
@@ -242,9 +264,9 @@ class Resolver:
             self._address(resp.answer, qname, addr, qtype, ttl)
         if qtype in (T.TXT, T.ANY):
             for k, v in sorted((node.get("Meta") or {}).items()):
-                text = f"{k}={v}".replace("\\", "\\\\").replace('"', '\\"')
-                self._add(resp.answer, qname, ttl, dns.rdata.from_text(
-                    dns.rdataclass.IN, T.TXT, f'"{text}"'))  # fmt: skip
+                rd = _txt(f"{k}={v}")
+                if rd is not None:
+                    self._add(resp.answer, qname, ttl, rd)
         return True
 
     def _addr(self, label: str, qtype: int, resp: dns.message.Message) -> bool | None:

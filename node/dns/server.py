@@ -7,7 +7,8 @@ callback, patching only the query ID. A few differently shuffled renderings are 
 query, so clients still see the instances in varying order. Names outside the domain go to
 the --recursor servers, over the transport the client used (a TCP client is after the whole
 answer), and are REFUSED when there is none (Consul). Garbage gets FORMERR when it has a
-readable header and is dropped otherwise; both are counted.
+readable header and is dropped otherwise; both are counted. A name the resolver fails on (data
+it cannot render: a bug) is SERVFAIL, logged once until the catalog changes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import dns.flags
 import dns.message
 import dns.opcode
 import dns.rcode
+import dns.rdatatype
 import structlog
 
 from node.dns.resolver import CATALOG_TABLES, DNSConfig, Resolver
@@ -57,6 +59,7 @@ class DNSStats:
     dropped: int = 0
     forwarded: int = 0
     truncated: int = 0
+    servfail: int = 0  # resolver failures, each answered (and cached) as SERVFAIL
 
 
 @dataclass
@@ -125,11 +128,26 @@ class Responder:
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             entry = self._cache[key] = _Entry(index)
-        resp = self.resolver.answer(query)
+        try:
+            resp = self.resolver.answer(query)
+        except Exception:
+            return self._servfail(query, entry)
         if self.recursors:
             resp.flags |= dns.flags.RA  # Consul offers recursion exactly when it has recursors
         entry.variants.append(self._render(resp, size))
         return wire[:2] + entry.variants[-1][2:]
+
+    def _servfail(self, query: dns.message.Message, entry: _Entry) -> bytes:
+        """Catalog data the resolver cannot render (a bug): SERVFAIL, not silence, so the
+        client moves on at once. The answer is cached like any other until the catalog
+        changes, so the name is logged once, not on every query."""
+        q = query.question[0]
+        log.exception("dns.answer_failed", name=q.name.to_text(),
+                      type=dns.rdatatype.to_text(q.rdtype))  # fmt: skip
+        self.stats.servfail += 1
+        reply = self._reply(query, dns.rcode.SERVFAIL, recursion=bool(self.recursors))
+        entry.variants[:] = [reply] * VARIANTS
+        return reply
 
     def _render(self, resp: dns.message.Message, size: int) -> bytes:
         try:
