@@ -76,3 +76,12 @@ async def test_bad_transactions_are_refused(http: aiohttp.ClientSession) -> None
     async with http.put("/v1/txn", data=b"{broken") as r:
         assert r.status == 400
     assert (await get(http, "/v1/kv/k0"))[0] == 404
+
+
+async def test_bodies_are_decoded_as_go_does(http: aiohttp.ClientSession) -> None:
+    """NaN/Infinity tokens and numbers past float64 are decode errors (400) on every JSON body,
+    as Go's encoding/json makes them, never a stored infinity or a 500."""
+    for path in ("/v1/txn", "/v1/session/create"):
+        for body in (b'{"TTL": NaN}', b'[{"KV": {"Flags": Infinity}}]', b'{"LockDelay": 1e999}'):
+            async with http.put(path, data=body) as r:
+                assert r.status == 400, (path, body, r.status, await r.text())

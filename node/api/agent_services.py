@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from node.api.common import (
     Handler,
     agent_of,
     blocking_params,
+    decode_json,
     flag,
     json_response,
     text_error,
@@ -38,27 +38,9 @@ def _local(request: web.Request) -> LocalState:
     return local
 
 
-def _no_constant(token: str) -> Any:
-    """Go's decoder has no NaN or Infinity: the tokens Python's json takes are refused, as
-    Consul does, in its words."""
-    where = "in numeric literal" if token.startswith("-") else "looking for beginning of value"
-    raise ValueError(f"invalid character {token.lstrip('-')[0]!r} {where}")
-
-
-def _finite_float(text: str) -> float:
-    """A number past float64 (1e999) is an error in Go, not an infinity."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"cannot unmarshal number {text} into a float64")
-    return value
-
-
 async def _body(request: web.Request) -> Any:
-    raw = await request.read()
     try:
-        if not raw.strip():
-            return None
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        return decode_json(await request.read())
     except ValueError as e:
         raise web.HTTPBadRequest(text=f"Request decode failed: {e}") from None
 

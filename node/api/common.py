@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -34,6 +35,7 @@ __all__ = [
     "check_dc",
     "consensus_of",
     "consistency_mode",
+    "decode_json",
     "flag",
     "fold_key",
     "json_response",
@@ -75,6 +77,28 @@ def json_response(request: web.Request, data: Any, status: int = 200) -> web.Res
 
 def text_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message, content_type="text/plain")
+
+
+def _no_constant(token: str) -> Any:
+    """Go's decoder has no NaN or Infinity: the tokens Python's json takes are refused, as
+    Consul does, in its words."""
+    where = "in numeric literal" if token.startswith("-") else "looking for beginning of value"
+    raise ValueError(f"invalid character {token.lstrip('-')[0]!r} {where}")
+
+
+def _finite_float(text: str) -> float:
+    """A number past float64 (1e999) is an error in Go, not an infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"cannot unmarshal number {text} into a float64")
+    return value
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body as Go's encoding/json reads it (None when empty); ValueError otherwise."""
+    if not raw.strip():
+        return None
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def flag(request: web.Request, name: str) -> bool:

@@ -8,7 +8,6 @@ Response shapes, status codes and text error bodies follow Consul, because clien
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from node.api.common import (
     blocking_deadline,
     blocking_params,
     check_dc,
+    decode_json,
     flag,
     json_response,
     text_error,
@@ -211,7 +211,7 @@ def _keyring_failure(request: web.Request, resp: KeyResponse) -> str | None:
 
 async def _key_from_body(request: web.Request) -> bytes | web.Response:
     try:
-        body = await request.json(loads=json.loads)
+        body = decode_json(await request.read())
     except ValueError:
         return text_error(400, "Request decode failed: body is not valid JSON")
     if not isinstance(body, dict):

@@ -6,7 +6,6 @@ so a renew goes to the leader and a session not renewed within 2 x TTL is destro
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -20,6 +19,7 @@ from node.api.common import (
     blocking_read,
     check_dc,
     consensus_of,
+    decode_json,
     fold_key,
     json_response,
     text_error,
@@ -70,13 +70,11 @@ def _str_list(raw: Any, field: str) -> list[str]:
 async def session_create(request: web.Request) -> web.StreamResponse:
     if (err := check_dc(request)) is not None:
         return err
-    body: Any = {}
-    raw = await request.read()
-    if raw.strip():
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            return text_error(400, f"Request decode failed: {e}")
+    try:
+        body = decode_json(await request.read())
+    except ValueError as e:
+        return text_error(400, f"Request decode failed: {e}")
+    body = {} if body is None else body
     if not isinstance(body, dict):
         return text_error(400, "Request decode failed: expected a JSON object")
     args = {fold_key(k): v for k, v in body.items()}

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 from typing import Any
 
 from aiohttp import web
 
 from node.api.catalog import canonical
-from node.api.common import Handler, check_dc, fold_key, json_response, propose, text_error
+from node.api.common import (
+    Handler,
+    check_dc,
+    decode_json,
+    fold_key,
+    json_response,
+    propose,
+    text_error,
+)
 from node.api.kv import entry_json
 from node.state import commands as cmd
 from node.state.commands import CHECK_SPEC, MAX_TXN_OPS, NODE_SPEC, SERVICE_SPEC
@@ -104,7 +111,7 @@ async def txn(request: web.Request) -> web.StreamResponse:
     if (err := check_dc(request)) is not None:
         return err
     try:
-        body = json.loads(await request.read() or b"null")
+        body = decode_json(await request.read())
     except ValueError as e:
         return text_error(400, f"Failed to parse body: {e}")
     if isinstance(body, list) and len(body) > MAX_TXN_OPS:
