@@ -4,6 +4,7 @@ Prometheus text (`?format=prometheus`) or in Consul's JSON shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -77,9 +78,9 @@ class _AgentCollector(Collector):
         responder = getattr(dns, "responder", None)
         if responder is not None:
             s = responder.stats
-            for name in ("queries", "cache_hits", "formerr", "dropped", "forwarded", "truncated"):
-                yield _counter(f"meshnode_dns_{name}", f"DNS {name.replace('_', ' ')}",
-                               getattr(s, name))  # fmt: skip
+            for f in dataclasses.fields(s):
+                yield _counter(f"meshnode_dns_{f.name}", f"DNS {f.name.replace('_', ' ')}",
+                               getattr(s, f.name))  # fmt: skip
 
 
 def _gauge(name: str, doc: str, value: float | int | str) -> GaugeMetricFamily:

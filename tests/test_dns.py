@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import shutil
 import socket
 import struct
@@ -773,6 +774,15 @@ def test_garbage_to_a_live_agent_leaves_it_answering(tmp_path: Path) -> None:
             assert time.monotonic() - started < 6
         assert answered(dns.query.tcp(query, a.client, port=a.ports.dns, timeout=2))
         assert answered(dns.query.udp(query, a.client, port=a.ports.dns, timeout=2))
+        outside = dns.message.make_query("example.com", "A")  # no --recursor: REFUSED
+        refused = dns.query.udp(outside, a.client, port=a.ports.dns, timeout=2)
+        assert refused.rcode() == dns.rcode.REFUSED
+        # every kind of bad packet is counted, and exported
+        status, text = a.http("GET", "/v1/agent/metrics?format=prometheus")
+        assert status == 200
+        counters = dict(re.findall(r"^meshnode_dns_(\w+)_total (\S+)$", text, re.M))
+        assert float(counters["formerr"]) >= 3 and float(counters["dropped"]) >= 2, counters
+        assert float(counters["refused"]) >= 1 and float(counters["queries"]) >= 1, counters
         assert a.running
     finally:
         a.stop()

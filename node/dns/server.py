@@ -60,6 +60,7 @@ class DNSStats:
     forwarded: int = 0
     truncated: int = 0
     servfail: int = 0  # resolver failures, each answered (and cached) as SERVFAIL
+    refused: int = 0  # outside the domain without recursors, or no question
 
 
 @dataclass
@@ -194,6 +195,8 @@ class Responder:
     ) -> bytes:
         if count:
             self.stats.formerr += 1
+        if rcode == dns.rcode.REFUSED:
+            self.stats.refused += 1
         resp = dns.message.make_response(query, our_payload=query.payload)
         resp.set_rcode(dns.rcode.Rcode(rcode))
         if recursion:
