@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import socket
 import tomllib
@@ -116,6 +117,8 @@ def parse_duration(raw: object) -> float:
     if isinstance(raw, bool):
         raise ValueError(f"must be a duration like '30s' or '500ms', got {raw!r}")
     if isinstance(raw, int | float):
+        if not math.isfinite(raw):
+            raise ValueError(f"must be a duration like '30s' or '500ms', got {raw!r}")
         return float(raw)
     if not isinstance(raw, str):
         raise ValueError(f"must be a duration like '30s' or '500ms', got {raw!r}")

@@ -231,6 +231,9 @@ def test_bad_file_values(tmp_path: Path, name: str, raw: str, message: str) -> N
     assert msg.startswith(f"config file {f}: {name}: ") and message in msg
 
 
+NOT_A_DURATION = "must be a duration like '30s' or '500ms', got "
+
+
 def test_file_type_errors(tmp_path: Path) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"serf_port": 70000}, "serf_port: must be an integer between 1 and 65535, got 70000"),
@@ -241,6 +244,8 @@ def test_file_type_errors(tmp_path: Path) -> None:
         ({"node": 5}, "node: must be a string, got 5"),
         ({"dev": "yes please"}, "dev: must be true or false, got 'yes please'"),
         ({"bogus": 1}, "bogus: unknown setting"),
+        ({"retry_interval": float("nan")}, f"retry_interval: {NOT_A_DURATION}nan"),
+        ({"check_update_interval": float("inf")}, f"check_update_interval: {NOT_A_DURATION}inf"),
         ({"config_file": "x.json"}, "config_file: config files cannot include other config files"),
     ]
     for data, message in cases:
