@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -14,6 +13,7 @@ from aiohttp import web
 from node.api.common import (
     Handler,
     agent_of,
+    blocking_deadline,
     blocking_params,
     decode_json,
     flag,
@@ -103,7 +103,7 @@ async def service(request: web.Request) -> web.StreamResponse:
         return params
     want, wait = request.query.get("hash", ""), params[1]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait + random.uniform(0, wait / 16)
+    deadline = blocking_deadline(wait)
     while True:
         svc = local.services.get(sid)
         if svc is None:
