@@ -6,9 +6,13 @@ data) makes it fail other than with a clean FilterError."""
 from __future__ import annotations
 
 import re
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import pytest
+import re2
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
@@ -19,6 +23,7 @@ from node.api.filter import (
     AGENT_SERVICE_SCHEMA,
     CHECK_SERVICE_NODE_SCHEMA,
     HEALTH_CHECK_SCHEMA,
+    MAX_NESTING,
     NODE_SCHEMA,
     NODE_SERVICE_SCHEMA,
     SERVICE_NODE_SCHEMA,
@@ -31,6 +36,7 @@ from node.api.filter import (
     Match,
     Not,
     Schema,
+    _goq,
     compile_filter,
     parse,
     request_filter,
@@ -91,14 +97,21 @@ M = Match
         ('Name not matches "^a"', M(("Name",), "not matches", "^a")),
         ("notes == x", M(("notes",), "==", "x")),  # "not" needs whitespace after it
         ("not not a == b", M(("a",), "==", "b")),  # bexpr drops double negations
-        # and binds tighter than or; both associate to the right
+        # and binds tighter than or
         ("a == 1 or b == 2 and c == 3",
-         BinOp("or", M(("a",), "==", "1"),
-               BinOp("and", M(("b",), "==", "2"), M(("c",), "==", "3")))),
-        ("not a == 1 and b == 2", BinOp("and", Not(M(("a",), "==", "1")), M(("b",), "==", "2"))),
+         BinOp("or", (M(("a",), "==", "1"),
+                      BinOp("and", (M(("b",), "==", "2"), M(("c",), "==", "3")))))),
+        ("not a == 1 and b == 2",
+         BinOp("and", (Not(M(("a",), "==", "1")), M(("b",), "==", "2")))),
         ("(a == 1 or b == 2) and c == 3",
-         BinOp("and", BinOp("or", M(("a",), "==", "1"), M(("b",), "==", "2")),
-               M(("c",), "==", "3"))),
+         BinOp("and", (BinOp("or", (M(("a",), "==", "1"), M(("b",), "==", "2"))),
+                       M(("c",), "==", "3")))),
+        # a chain of one operator is one node; parentheses keep their own
+        ("a == 1 or b == 2 or c == 3",
+         BinOp("or", (M(("a",), "==", "1"), M(("b",), "==", "2"), M(("c",), "==", "3")))),
+        ("a == 1 or (b == 2 or c == 3)",
+         BinOp("or", (M(("a",), "==", "1"),
+                      BinOp("or", (M(("b",), "==", "2"), M(("c",), "==", "3")))))),
         (" ( a == 1 ) ", M(("a",), "==", "1")),
     ],
 )  # fmt: skip
@@ -113,6 +126,80 @@ def test_deep_nesting_is_refused_cleanly() -> None:
     with pytest.raises(FilterError, match="nested more than"):
         parse("not " * 2000 + "a == b")
     assert parse("(" * 50 + "a == b" + ")" * 50) == M(("a",), "==", "b")
+
+
+def _nested(levels: int) -> str:
+    """A filter with `levels` parentheses, each holding an or of an and: the deepest tree the
+    nesting limit lets through."""
+    text = "ServiceName == web"
+    for _ in range(levels):
+        text = f"(ServiceID == q or ServiceName == web and {text})"
+    return text
+
+
+@pytest.mark.parametrize("op", ["or", "and"])
+def test_long_chains_take_no_stack(op: str) -> None:
+    """Review 1.2: bexpr's grammar recursed once per clause, so 1000 `or` clauses raised
+    RecursionError (a 500 over HTTP). A chain is now one node, parsed, checked and run in a
+    loop."""
+    clauses = 5000
+    last = "ServiceName == web" if op == "or" else "ServiceName != db"
+    text = f" {op} ".join(["ServiceName == x" if op == "or" else "ServiceID != x"] * clauses
+                          + [last])  # fmt: skip
+    tree = parse(text)
+    assert isinstance(tree, BinOp) and tree.op == op and len(tree.operands) == clauses + 1
+    assert parse(unparse(tree)) == tree
+    f = compile_filter(text, SERVICE_NODE_SCHEMA)
+    assert f({"ServiceName": "web", "ServiceID": "web-1"}) is True
+    assert f({"ServiceName": "db", "ServiceID": "db-1"}) is False
+    # request_filter (the HTTP side) answers a Filter, not an exception
+    req = make_mocked_request("GET", "/v1/catalog/service/web?" + urlencode({"filter": text}))
+    assert isinstance(request_filter(req, SERVICE_NODE_SCHEMA), Filter)
+    # and a mixed chain: or of ands, 2000 clauses
+    mixed = " or ".join(["ServiceName == x and ServiceID == y"] * 1000 + ["ServiceName == web"])
+    assert compile_filter(mixed, SERVICE_NODE_SCHEMA)({"ServiceName": "web"}) is True
+
+
+def test_the_nesting_limit_leaves_room_on_the_stack() -> None:
+    """The deepest filter the parser takes parses, checks and runs with the default limit.
+    (The outermost parentheses are the grammar's own, so they do not count.)"""
+    f = compile_filter(_nested(MAX_NESTING + 1), SERVICE_NODE_SCHEMA)
+    # ServiceName "web" makes every "and" look inside, down to the innermost clause
+    assert f({"ServiceName": "web", "ServiceID": "x"}) is True
+    assert f({"ServiceName": "db", "ServiceID": "x"}) is False
+    with pytest.raises(FilterError, match="nested more than 128"):
+        parse(_nested(MAX_NESTING + 2))
+
+
+R = TypeVar("R")
+
+
+def _with_stack_left(frames: int, fn: Callable[[], R]) -> R:
+    """fn() called `frames` short of the recursion limit (as if deep in some caller)."""
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+
+    def down(n: int) -> R:
+        return fn() if n <= 0 else down(n - 1)
+
+    return down(sys.getrecursionlimit() - depth - frames)
+
+
+def test_a_recursion_error_is_a_filter_error() -> None:
+    """The backstop: should the stack run out anyway, the client gets a 400, not a 500."""
+    text = _nested(MAX_NESTING + 1)
+    with pytest.raises(FilterError, match="nested too deeply"):
+        _with_stack_left(150, lambda: compile_filter(text, SERVICE_NODE_SCHEMA))
+    f = compile_filter(text, SERVICE_NODE_SCHEMA)
+    with pytest.raises(FilterError, match="nested too deeply"):
+        _with_stack_left(100, lambda: f({"ServiceName": "web", "ServiceID": "x"}))
+    req = make_mocked_request("GET", "/v1/catalog/service/web?" + urlencode({"filter": text}))
+    resp = _with_stack_left(150, lambda: request_filter(req, SERVICE_NODE_SCHEMA))
+    assert isinstance(resp, web.Response) and resp.status == 400
+    assert (
+        resp.text == "Failed to create boolean expression evaluator: expression nested too deeply"
+    )
 
 
 # ----- checking against an endpoint's selectors -----
@@ -134,9 +221,10 @@ def test_deep_nesting_is_refused_cleanly() -> None:
         ("ServicePort matches x", 'Invalid match operator "Matches" for selector "ServicePort"'),
         ("ServiceName is empty", 'Invalid match operator "Is Empty" for selector "ServiceName"'),
         ("ServiceProxy.Upstreams contains x", 'Invalid match operator "In"'),
-        ('Node matches "("', 'Failed to compile regular expression "(": error parsing regexp'),
+        ('Node matches "("', 'Failed to compile regular expression "(": error parsing regexp: '
+                             "missing closing ): `(`"),
         ('Node matches "a(?!b)"', "invalid or unsupported Perl syntax: `(?!`"),
-        ('Node matches "(a)\\\\1"', "invalid or unsupported Perl syntax: `\\1`"),
+        ('Node matches "(a)\\\\1"', "invalid escape sequence: `\\1`"),
         # validation runs left to right and stops at the first problem
         ("Node == a and Bad == 1 and Worse == 2", 'Selector "Bad" is not valid'),
     ],
@@ -228,6 +316,89 @@ def test_evaluation(expression: str, expected: bool) -> None:
     assert compile_filter(expression, CHECK_SERVICE_NODE_SCHEMA)(ENTRY) is expected
 
 
+# ----- regular expressions: RE2, the engine of Go's regexp -----
+
+
+@pytest.mark.timeout(5)  # generous: RE2 answers in microseconds; Python's re took hours here
+def test_a_catastrophic_pattern_runs_in_linear_time() -> None:
+    """Review 1.1: with a backtracking engine `^(a+)+$` against 40 a's and a "!" tries 2^40
+    ways before failing, freezing the event loop; RE2 never backtracks."""
+    f = compile_filter('ServiceName matches "^(a+)+$"', SERVICE_NODE_SCHEMA)
+    assert f({"ServiceName": "a" * 40 + "!"}) is False
+    assert f({"ServiceName": "a" * 40}) is True
+    g = compile_filter('ServiceName not matches "(x+x+)+y"', SERVICE_NODE_SCHEMA)
+    assert g({"ServiceName": "x" * 10_000}) is True
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "expected"),
+    [
+        # RE2 syntax that Python's re refuses
+        (r"^\pL+\z", "héllo", True),  # Unicode classes, \z
+        (r"^\pL+\z", "hello1", False),
+        (r"^\p{Greek}+$", "αβγ", True),
+        (r"\Q1.*\E$", "v1.*", True),  # \Q...\E quotes
+        (r"\Q1.*\E$", "v1.2", False),
+        (r"\Q\C\E", "a\\Cb", True),  # \C inside a quote is text
+        (r"\\C", "a\\Cb", True),  # an escaped backslash, then C
+        (r"^[[:digit:]]+$", "123", True),  # POSIX classes (Python: a set and a warning)
+        # RE2's matching rules
+        (r"^.$", "é", True),  # "." is a character, not a byte
+        (r"(?i)^WEB", "web-1", True),
+        (r"^\x{FFFD}x$", "\ud800x", True),  # a lone surrogate reads as U+FFFD, as Go decodes it
+        (r"^web-[0-9]+$", "web-12", True),
+        (r"^web-[0-9]+$", "web-12a", False),
+    ],
+)
+def test_patterns_are_re2s(pattern: str, name: str, expected: bool) -> None:
+    f = compile_filter(f"ServiceName matches `{pattern}`", SERVICE_NODE_SCHEMA)
+    assert f({"ServiceName": name}) is expected
+    g = compile_filter(f"ServiceName not matches `{pattern}`", SERVICE_NODE_SCHEMA)
+    assert g({"ServiceName": name}) is not expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "error"),
+    [
+        # refused by RE2 (and Go), taken by Python's re
+        (r"a(?=b)", "invalid or unsupported Perl syntax: `(?=`"),
+        (r"(?<=a)b", "invalid or unsupported Perl syntax: `(?<=`"),
+        (r"(?>a)", "invalid or unsupported Perl syntax: `(?>`"),
+        (r"a*+", "invalid nested repetition operator: `*+`"),
+        (r"(a)\1", r"invalid escape sequence: `\1`"),
+        (r"a\Z", r"invalid escape sequence: `\Z`"),
+        (r"\C", r"invalid escape sequence: `\C`"),  # RE2 in C++ takes it; Go does not
+        # the rest of Go's messages
+        (r"a{1001}", "invalid repeat count: `{1001}`"),
+        (r"[a", "missing closing ]: `[a`"),
+        (r"a(b", "missing closing ): `a(b`"),
+        (r"a)", "unexpected ): `a)`"),
+        (r"*", "missing argument to repetition operator: `*`"),
+        ("a\\", "trailing backslash at end of expression: ``"),
+        (r"\pL{100}", r"expression too large: `\pL{100}`"),  # over REGEX_MAX_MEM
+    ],
+)
+def test_patterns_re2_refuses_have_gos_message(pattern: str, error: str) -> None:
+    with pytest.raises(FilterError) as e:
+        compile_filter(f"ServiceName matches `{pattern}`", SERVICE_NODE_SCHEMA)
+    assert str(e.value) == (f"Failed to compile regular expression {_goq(pattern)}: "
+                            f"error parsing regexp: {error}")  # fmt: skip
+
+
+def test_a_filter_s_patterns_share_one_size_budget() -> None:
+    """Many large distinct patterns cannot add up compile time on the event loop."""
+
+    def patterns(n: int) -> str:
+        return " or ".join(f"ServiceName matches `\\pL{{30}}{i}`" for i in range(n))
+
+    assert compile_filter(patterns(2), SERVICE_NODE_SCHEMA)({"ServiceName": "é" * 30 + "1"})
+    with pytest.raises(FilterError) as e:
+        compile_filter(patterns(8), SERVICE_NODE_SCHEMA)
+    # each is about 36,000 instructions: the one that passes 200,000 (the sixth) is named
+    assert re.fullmatch(r'Failed to compile regular expression "\\\\pL\{30\}\d": error parsing '
+                        r"regexp: expression too large: `\\pL\{30\}\d`", str(e.value))  # fmt: skip
+
+
 def test_a_list_selector_over_no_elements_matches_nothing() -> None:
     entry = dict(ENTRY, Checks=[])
     for expression in ("Checks.Status == passing", "Checks.Status != passing"):
@@ -284,7 +455,11 @@ _TREES = st.recursive(
     _match(),
     lambda inner: st.one_of(
         st.builds(Not, inner),
-        st.builds(BinOp, st.sampled_from(["and", "or"]), inner, inner),
+        st.builds(
+            BinOp,
+            st.sampled_from(["and", "or"]),
+            st.lists(inner, min_size=2, max_size=3).map(tuple),
+        ),
     ),
     max_leaves=8,
 )
@@ -296,7 +471,7 @@ def _normal(tree: Expr) -> Expr:
         inner = _normal(tree.operand)
         return inner.operand if isinstance(inner, Not) else Not(inner)
     if isinstance(tree, BinOp):
-        return BinOp(tree.op, _normal(tree.left), _normal(tree.right))
+        return BinOp(tree.op, tuple(_normal(operand) for operand in tree.operands))
     return tree
 
 
@@ -361,7 +536,7 @@ def _valid_match(draw: st.DrawFn) -> Match:
     if kind is bool:
         return Match(selector, op, draw(st.sampled_from(["true", "false", "1", "F"])))
     raw = draw(_VALUE)
-    return Match(selector, op, re.escape(raw) if "matches" in op else raw)
+    return Match(selector, op, re2.escape(raw) if "matches" in op else raw)
 
 
 _SCALARS = (
@@ -375,7 +550,12 @@ _JSON = st.recursive(
 )
 _VALID_TREES = st.recursive(
     _valid_match(),
-    lambda i: st.builds(BinOp, st.sampled_from(["and", "or"]), i, i) | st.builds(Not, i),
+    lambda i: (
+        st.builds(
+            BinOp, st.sampled_from(["and", "or"]), st.lists(i, min_size=2, max_size=3).map(tuple)
+        )
+        | st.builds(Not, i)
+    ),
     max_leaves=4,
 )
 

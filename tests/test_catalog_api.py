@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from node.agent import Agent
+from node.api.filter import MAX_NESTING
 from tests.test_kv_api import agent, get, http, wait_node_registered  # noqa: F401 - fixtures
 
 WEB = {
@@ -412,6 +414,69 @@ async def test_filter_runs_on_each_item_of_the_answer(
         assert r.status == 200, await r.text()
         assert "X-Consul-Index" in r.headers
         assert _names(await r.json()) == expected
+
+
+async def test_passing_reads_as_gos_parse_bool(agent: Agent, http: aiohttp.ClientSession) -> None:
+    """Review 1.8: Consul reads ?passing with strconv.ParseBool (present but empty: true) and
+    answers 400 to anything else; `?passing=f` used to mean passing-only here, and so did
+    `?passing=garbage`."""
+    await _seeded(agent, http)  # web-1 passing, web-2 critical
+    only, every = ["web-1"], ["web-1", "web-2"]
+    cases = [("", every), ("?passing", only), ("?passing=", only)]
+    cases += [(f"?passing={v}", only) for v in ("1", "t", "T", "TRUE", "true", "True")]
+    cases += [(f"?passing={v}", every) for v in ("0", "f", "F", "FALSE", "false", "False")]
+    for query, expected in cases:
+        status, body, _ = await get(http, "/v1/health/service/web" + query)
+        assert (status, _names(body)) == (200, expected), query
+    for bad in ("garbage", "yes", "tRUE", "2", "%20"):
+        async with http.get(URL(f"/v1/health/service/web?passing={bad}", encoded=True)) as r:
+            assert (r.status, await r.text()) == (400, "Invalid value for ?passing"), bad
+
+
+async def test_a_long_filter_chain_is_answered(agent: Agent, http: aiohttp.ClientSession) -> None:
+    """Review 1.2 over real HTTP: 1000 `or` clauses (a request line under aiohttp's 8190
+    bytes) made the parser raise RecursionError, answered as a 500."""
+    await _seeded(agent, http)
+
+    async def answer(expression: str) -> tuple[int, object]:
+        url = URL("/v1/catalog/service/web?filter=" + expression.replace(" ", "+"), encoded=True)
+        async with http.get(url) as r:
+            return r.status, (await r.json() if r.status == 200 else await r.text())
+
+    assert await answer(" or ".join(["a==b"] * 1000)) == (
+        400,
+        'Failed to create boolean expression evaluator: Selector "a" is not valid',
+    )
+    status, body = await answer(" or ".join(["ID==x"] * 850 + ["Node==box2"]))
+    assert (status, _names(body)) == (200, ["web-2"])
+    status, body = await answer(" and ".join(["ID!=x"] * 750 + ["Node==box2"]))
+    assert (status, _names(body)) == (200, ["web-2"])
+    # the deepest nesting the parser takes also fits the stack under a request handler
+    deep = "Node==box1"
+    for _ in range(MAX_NESTING + 1):
+        deep = f"(ID==x or ServiceName==web and {deep})"
+    status, body = await answer(deep)
+    assert (status, _names(body)) == (200, ["web-1"])
+
+
+@pytest.mark.timeout(30)  # Python's re took hours on this; RE2 takes microseconds
+async def test_a_catastrophic_regex_does_not_stall_the_agent(
+    agent: Agent, http: aiohttp.ClientSession
+) -> None:
+    """Review 1.1 over real HTTP: a registered value and one GET could freeze the event loop
+    (Raft, gossip and DNS with it) while a backtracking engine tried 2^40 ways. (Should that
+    come back, the timeout's signal breaks into the match and the request's own timeout, run
+    out by then, fails the test instead of leaving it waiting for an answer.)"""
+    await wait_node_registered(agent)
+    service = {**WEB["Service"], "Meta": {"v": "a" * 40 + "!"}}  # type: ignore[dict-item]
+    body = {**WEB, "Service": service}
+    assert (await register(http, body))[0] == 200
+    for pattern, expected in (("^(a+)+$", []), ("^(a+)+!$", ["web-1"])):
+        params = {"filter": f'ServiceMeta.v matches "{pattern}"'}
+        limit = aiohttp.ClientTimeout(total=10)
+        async with http.get("/v1/catalog/service/web", params=params, timeout=limit) as r:
+            assert r.status == 200, await r.text()
+            assert _names(await r.json()) == expected
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ from node.api.common import (
     blocking_read,
     check_dc,
     consensus_of,
-    flag,
     fold_key,
     json_response,
     text_error,
@@ -40,6 +39,7 @@ from node.api.filter import (
     SERVICE_NODE_SCHEMA,
     Filter,
     Schema,
+    go_parse_bool,
     request_filter,
 )
 from node.state import commands as cmd
@@ -288,14 +288,20 @@ async def catalog_node(request: web.Request) -> web.StreamResponse:
 async def health_service(request: web.Request) -> web.StreamResponse:
     name = request.match_info["service"]
     tags = _tags(request)
-    passing = flag(request, "passing") and request.query["passing"].lower() not in ("0", "false")
+    # Consul's getBoolQueryParam: present and empty is true, else strconv.ParseBool
+    passing = request.query.get("passing")
+    try:
+        passing_only = passing is not None and (passing == "" or go_parse_bool(passing))
+    except ValueError:
+        return text_error(400, "Invalid value for ?passing")
     q = _query(request, CHECK_SERVICE_NODE_SCHEMA)
     if isinstance(q, web.Response):
         return q
     catalog = consensus_of(request).store.catalog
 
     def compute() -> list[dict[str, Any]]:
-        items = catalog.health_service(name, tags[0] if tags else None, passing, any_case=True)
+        items = catalog.health_service(name, tags[0] if tags else None, passing_only,
+                                       any_case=True)  # fmt: skip
         items = _on_meta_nodes(_with_tags(items, tags, lambda i: i["Service"]["Tags"]), q.meta,
                                lambda i: i["Node"]["Meta"])  # fmt: skip
         return q.filter.select(items)

@@ -7,8 +7,12 @@ operator a field does not support or a value that does not convert is an error b
 is read) and the evaluation rules (a selector through a list matches when any element does; a
 missing map key makes `==`, `in`, `matches` and `is not empty` false and their negations true)
 are bexpr's. Error texts keep pigeon's `line:col (offset): ...` form, so a client sees what
-Consul would tell it. Regular expressions use Python's `re` (Go uses RE2): lookarounds and
-backreferences, which RE2 refuses, are refused here too.
+Consul would tell it. Regular expressions are RE2's (google-re2), the engine behind Go's
+`regexp`: the same syntax, lookarounds and backreferences refused, and matching in time linear
+in the text, so no pattern can stall the event loop by backtracking.
+
+`and`/`or` chains are parsed in a loop into one n-ary node each, so a filter of thousands of
+clauses costs no stack; only parentheses and `not` nest, and at most MAX_NESTING deep.
 
 Endpoints call `request_filter(request, SCHEMA)` and then `.select(items)` (a list) or
 `.select_values(mapping)` (a map whose values are filtered, like agent/services).
@@ -21,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
+import re2
 from aiohttp import web
 
 from node.api.common import text_error
@@ -44,6 +49,7 @@ __all__ = [
     "Not",
     "Schema",
     "compile_filter",
+    "go_parse_bool",
     "parse",
     "request_filter",
     "unparse",
@@ -56,6 +62,14 @@ K = TypeVar("K")
 ERROR_PREFIX = "Failed to create boolean expression evaluator: "
 #: nesting of parentheses and `not`, bounded so a hostile filter cannot exhaust the stack
 MAX_NESTING = 128
+#: RE2's memory budget per regular expression (program and match caches). Smaller than RE2's
+#: default 8 MiB: compiling up to the budget blocks the event loop (about 20 ms at 1 MiB,
+#: 300 ms at 8 MiB for a Unicode class repeated hundreds of times), and google-re2 caches the
+#: last 128 patterns. A pattern over it is refused as Go refuses one: "expression too large".
+REGEX_MAX_MEM = 1 << 20
+#: the RE2 program size (instructions) all regular expressions of one filter may add up to,
+#: so a filter of many large distinct patterns cannot add up compile time either
+FILTER_MAX_PROGRAM = 200_000
 
 
 class FilterError(ValueError):
@@ -198,9 +212,11 @@ class Not:
 
 @dataclass(frozen=True)
 class BinOp:
+    """`a and b and c`: bexpr's right-leaning chain of one operator held flat (two or more
+    operands), so evaluating a long chain takes no stack. `(a or b) or c` keeps its nesting."""
+
     op: str  # "and" | "or"
-    left: Expr
-    right: Expr
+    operands: tuple[Expr, ...]
 
 
 Expr: TypeAlias = Match | Not | BinOp
@@ -301,7 +317,8 @@ def _go_parse_int(raw: str) -> int:
     return value
 
 
-def _go_parse_bool(raw: str) -> bool:
+def go_parse_bool(raw: str) -> bool:
+    """strconv.ParseBool, with its error text."""
     if raw in ("1", "t", "T", "TRUE", "true", "True"):
         return True
     if raw in ("0", "f", "F", "FALSE", "false", "False"):
@@ -418,12 +435,12 @@ class _Parser:
         p = self.ws_opt(0)
         q = self.lit(p, "(")
         if q is not None:
-            r = self.or_expr(self.ws_opt(q))
+            r = self.chain(self.ws_opt(q), "or")
             if r is not None:
                 end = self.lit(self.ws_opt(r[1]), ")")
                 if end is not None and self.eof(self.ws_opt(end)):
                     return self.finish(r[0])
-        r = self.or_expr(p)
+        r = self.chain(p, "or")
         if r is not None and self.eof(self.ws_opt(r[1])):
             return self.finish(r[0])
         raise FilterError("\n".join(self.errors) if self.errors else self.no_match())
@@ -433,27 +450,22 @@ class _Parser:
             raise FilterError("\n".join(self.errors))
         return expr
 
-    def or_expr(self, pos: int) -> tuple[Expr, int] | None:
-        left = self.and_expr(pos)
-        if left is None:
+    def chain(self, pos: int, op: str) -> tuple[Expr, int] | None:
+        """OrExpression (`op` "or", over AndExpressions) or AndExpression ("and", over
+        NotExpressions). bexpr's rule `X _ op _ Self / X` recurses once per clause; this loop
+        makes the same attempts in the same order, so it records the same failures. (One
+        method for both levels keeps the stack per parenthesis level as short as before.)"""
+        first = self.chain(pos, "and") if op == "or" else self.not_expr(pos)
+        if first is None:
             return None
-        p = self.words(left[1], "", "or", "")
-        if p is not None:
-            right = self.or_expr(p)
-            if right is not None:
-                return BinOp("or", left[0], right[0]), right[1]
-        return left
-
-    def and_expr(self, pos: int) -> tuple[Expr, int] | None:
-        left = self.not_expr(pos)
-        if left is None:
-            return None
-        p = self.words(left[1], "", "and", "")
-        if p is not None:
-            right = self.and_expr(p)
-            if right is not None:
-                return BinOp("and", left[0], right[0]), right[1]
-        return left
+        operands, end = [first[0]], first[1]
+        while (p := self.words(end, "", op, "")) is not None:
+            more = self.chain(p, "and") if op == "or" else self.not_expr(p)
+            if more is None:
+                break
+            operands.append(more[0])
+            end = more[1]
+        return (operands[0] if len(operands) == 1 else BinOp(op, tuple(operands))), end
 
     def nested(self, pos: int) -> None:
         self.depth += 1
@@ -478,7 +490,7 @@ class _Parser:
         q = self.lit(pos, "(")
         if q is not None:
             self.nested(pos)
-            inner = self.or_expr(self.ws_opt(q))
+            inner = self.chain(self.ws_opt(q), "or")
             self.depth -= 1
             if inner is not None:
                 end = self.lit(self.ws_opt(inner[1]), ")")
@@ -673,7 +685,7 @@ def _unparse_selector(selector: tuple[str, ...]) -> str:
 def unparse(expr: Expr) -> str:
     """A filter string that parses back to `expr` (binary operations fully parenthesised)."""
     if isinstance(expr, BinOp):
-        return f"({unparse(expr.left)}) {expr.op} ({unparse(expr.right)})"
+        return f" {expr.op} ".join([f"({unparse(operand)})" for operand in expr.operands])
     if isinstance(expr, Not):
         return f"not ({unparse(expr.operand)})"
     sel = _unparse_selector(expr.selector)
@@ -692,7 +704,6 @@ _STRING_OPS = frozenset({EQ, NE, IN, NOT_IN, MATCHES, NOT_MATCHES})
 _LIST_OPS = frozenset({IN, NOT_IN, EMPTY, NOT_EMPTY})
 _STRUCT_LIST_OPS = frozenset({EMPTY, NOT_EMPTY})
 _MAP_OPS = frozenset({EMPTY, NOT_EMPTY, IN, NOT_IN})
-_PERL_ONLY = re.compile(r"\(\?(?:=|!|<=|<!|P=)|\\[1-9]")
 
 
 def _is_struct(node: Schema) -> bool:
@@ -709,14 +720,84 @@ def _ops(node: Schema) -> frozenset[str]:
     return _STRING_OPS if node is str else _SCALAR_OPS
 
 
-def _coerce(node: Schema, raw: str) -> Any:
+def _coerce(node: Schema, raw: str) -> str | int | bool:
     """bexpr's coercion of a raw value for the selected field (lists: their elements')."""
     kind = node.elem if isinstance(node, ListOf) else str if isinstance(node, MapOf) else node
     if kind is int:
         return _go_parse_int(raw)
     if kind is bool:
-        return _go_parse_bool(raw)
+        return go_parse_bool(raw)
     return raw
+
+
+# ----- regular expressions: RE2, as Go's regexp -----
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = REGEX_MAX_MEM
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the client's 400, not a line on our stderr
+#: an escape pair, or a \Q...\E quote: what a scan for \C must step over
+_ESCAPE = re.compile(r"\\Q.*?(?:\\E|\Z)|\\(.)", re.DOTALL)
+#: RE2's (C++) error codes as Go's regexp/syntax words them; the others read the same
+_GO_REGEXP_ERRORS = {
+    "missing ]": "missing closing ]",
+    "missing )": "missing closing )",
+    "trailing \\": "trailing backslash at end of expression",
+    "no argument for repetition operator": "missing argument to repetition operator",
+    "invalid repetition size": "invalid repeat count",
+    "bad repetition operator": "invalid nested repetition operator",
+    "invalid perl operator": "invalid or unsupported Perl syntax",
+    "invalid named capture group": "invalid named capture",
+    "pattern too large - compile failed": "expression too large",
+    "unexpected error": "regexp/syntax: internal error",
+}
+
+
+class _Regex:
+    """A pattern compiled by RE2 (google-re2 has no type information: this is all we use)."""
+
+    __slots__ = ("_compiled", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        """ValueError with Go's regexp/syntax message for a pattern RE2 or Go refuses."""
+        self.pattern = pattern
+        if any(m.group(1) == "C" for m in _ESCAPE.finditer(pattern)):
+            # \C (any byte) is RE2's in C++ only; Go refuses it
+            raise ValueError("invalid escape sequence: `\\C`")
+        try:
+            self._compiled = re2.compile(pattern, _RE2_OPTIONS)
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it
+            raise ValueError(f"invalid UTF-8: `{pattern}`") from None
+        except re2.error as e:
+            raw = e.args[0] if e.args else b""
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            code, sep, arg = text.partition(": ")
+            if not sep:  # Go names the whole pattern (the trailing backslash: nothing)
+                arg = "" if code == "trailing \\" else pattern
+            raise ValueError(f"{_GO_REGEXP_ERRORS.get(code, code)}: `{arg}`") from None
+
+    @property
+    def program_size(self) -> int:
+        return int(self._compiled.programsize)
+
+    def search(self, text: str) -> bool:
+        """Go's MatchString, on the text's UTF-8 (a lone surrogate reads as U+FFFD, which is
+        what Go's JSON decoder makes of one)."""
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:
+            data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+        return self._compiled.search(data) is not None
+
+
+def _regex(raw: str) -> _Regex:
+    try:
+        return _Regex(raw)
+    except ValueError as e:
+        raise FilterError(f"Failed to compile regular expression {_goq(raw)}: "
+                          f"error parsing regexp: {e}") from None  # fmt: skip
+
+
+# ----- the checked tree -----
 
 
 @dataclass(frozen=True)
@@ -726,8 +807,22 @@ class _Check:
     selector: tuple[str, ...]
     op: str
     leaf: Schema
-    value: Any
+    value: str | int | bool | _Regex | None
     root: Schema
+
+
+@dataclass(frozen=True)
+class _Negated:
+    operand: _Tree
+
+
+@dataclass(frozen=True)
+class _Chain:
+    every: bool  # "and": every operand holds; "or": any one does
+    operands: tuple[_Tree, ...]
+
+
+_Tree: TypeAlias = "_Check | _Negated | _Chain"
 
 
 def _resolve(match: Match, schema: Schema) -> _Check:
@@ -746,7 +841,7 @@ def _resolve(match: Match, schema: Schema) -> _Check:
     if match.op not in _ops(node):
         raise FilterError(f"Invalid match operator {_goq(_OP_NAMES[match.op])} for selector "
                           f"{_goq(shown)}")  # fmt: skip
-    value: Any = None
+    value: str | int | bool | _Regex | None = None
     if match.value is not None:
         try:
             value = _coerce(node, match.value)
@@ -758,24 +853,30 @@ def _resolve(match: Match, schema: Schema) -> _Check:
     return _Check(match.selector, match.op, node, value, schema)
 
 
-def _regex(raw: str) -> re.Pattern[str]:
-    perl = _PERL_ONLY.search(raw)
-    try:
-        if perl is not None:
-            raise re.error(f"invalid or unsupported Perl syntax: `{perl.group(0)}`")
-        return re.compile(raw)
-    except (re.error, OverflowError, RecursionError) as e:
-        raise FilterError(f"Failed to compile regular expression {_goq(raw)}: "
-                          f"error parsing regexp: {e}") from None  # fmt: skip
+def _validate(expr: Expr, schema: Schema) -> _Tree:
+    """The tree with every Match resolved into a _Check (errors in bexpr's order), its regular
+    expressions within FILTER_MAX_PROGRAM together."""
+    program = 0
 
+    def check(expr: Expr) -> _Tree:
+        nonlocal program
+        if isinstance(expr, Not):
+            return _Negated(check(expr.operand))
+        if isinstance(expr, BinOp):
+            operands = []
+            for operand in expr.operands:  # a loop, not a comprehension: one frame less a level
+                operands.append(check(operand))
+            return _Chain(expr.op == "and", tuple(operands))
+        resolved = _resolve(expr, schema)
+        if isinstance(resolved.value, _Regex):
+            program += resolved.value.program_size
+            if program > FILTER_MAX_PROGRAM:  # Go's words for a pattern over its own limit
+                raw = resolved.value.pattern
+                raise FilterError(f"Failed to compile regular expression {_goq(raw)}: error "
+                                  f"parsing regexp: expression too large: `{raw}`")  # fmt: skip
+        return resolved
 
-def _validate(expr: Expr, schema: Schema) -> Any:
-    """The tree with every Match replaced by its _Check (errors in bexpr's order)."""
-    if isinstance(expr, Match):
-        return _resolve(expr, schema)
-    if isinstance(expr, Not):
-        return ("not", _validate(expr.operand, schema))
-    return (expr.op, _validate(expr.left, schema), _validate(expr.right, schema))
+    return check(expr)
 
 
 def _zero(node: Schema) -> Any:
@@ -827,7 +928,8 @@ def _leaf(check: _Check, node: Schema, value: Any) -> bool:
         size = len(value) if isinstance(value, list | dict | str) else 0
         return (size == 0) == (op == EMPTY)
     if op in (MATCHES, NOT_MATCHES):
-        return (want.search(_as(str, value)) is not None) == (op == MATCHES)
+        assert isinstance(want, _Regex)
+        return want.search(_as(str, value)) == (op == MATCHES)
     if op in (EQ, NE):
         return bool(_as(node, value) == want) == (op == EQ)
     # in / not in
@@ -859,14 +961,16 @@ def _walk(check: _Check, node: Schema, value: Any, depth: int) -> bool:
     return _walk(check, sub, _zero(sub) if got is None else got, depth + 1)
 
 
-def _run(tree: Any, item: Any) -> bool:
+def _run(tree: _Tree, item: Any) -> bool:
     if isinstance(tree, _Check):
         return _walk(tree, tree.root, item, 0)
-    if tree[0] == "not":
-        return not _run(tree[1], item)
-    if tree[0] == "and":
-        return _run(tree[1], item) and _run(tree[2], item)
-    return _run(tree[1], item) or _run(tree[2], item)
+    if isinstance(tree, _Negated):
+        return not _run(tree.operand, item)
+    # all() / any() over the operands, as a loop: a generator would be one more frame a level
+    for operand in tree.operands:
+        if _run(operand, item) != tree.every:
+            return not tree.every
+    return tree.every
 
 
 @dataclass(frozen=True)
@@ -874,10 +978,13 @@ class Filter:
     """A compiled filter; the empty expression keeps everything (Consul's nil filter)."""
 
     expression: str
-    _tree: Any = field(default=None, repr=False)
+    _tree: _Tree | None = field(default=None, repr=False)
 
     def __call__(self, item: Any) -> bool:
-        return self._tree is None or _run(self._tree, item)
+        try:
+            return self._tree is None or _run(self._tree, item)
+        except RecursionError:  # a backstop: parsing bounds the depth well inside the limit
+            raise FilterError("expression nested too deeply") from None
 
     def select(self, items: Iterable[T]) -> list[T]:
         return list(items) if self._tree is None else [i for i in items if self(i)]
@@ -897,7 +1004,10 @@ def compile_filter(expression: str, schema: Schema) -> Filter:
     """Parse `expression` and check it against `schema`; FilterError says what is wrong."""
     if expression == "":
         return EVERYTHING
-    return Filter(expression, _validate(parse(expression), schema))
+    try:
+        return Filter(expression, _validate(parse(expression), schema))
+    except RecursionError:  # a backstop: MAX_NESTING keeps both well inside the limit
+        raise FilterError("expression nested too deeply") from None
 
 
 def request_filter(request: web.Request, schema: Schema) -> Filter | web.Response:
