@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.keyring import KeyringError, parse_key
+from node.golang import parse_duration as go_parse_duration
 
 __all__ = [
     "CONSUL_COMPAT_VERSION",
@@ -50,10 +51,6 @@ DISCOVERY_METHODS = ("mdns",)
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _DC_RE = re.compile(r"^[a-z0-9_-]{1,63}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {
-    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
-}  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -122,19 +119,13 @@ def parse_duration(raw: object) -> float:
         return float(raw)
     if not isinstance(raw, str):
         raise ValueError(f"must be a duration like '30s' or '500ms', got {raw!r}")
-    text = raw.strip()
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if m is None:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if pos == 0 or pos != len(text):
+    try:
+        value = go_parse_duration(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
         raise ValueError(f"must be a duration like '30s' or '500ms', got {raw!r}")
-    return total
+    return value
 
 
 def _as_str(raw: object) -> str:

@@ -27,8 +27,9 @@ from typing import Any
 
 import structlog
 
-from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec, field
+from node.checks.definition import MAX_OUTPUT, CheckError, CheckSpec
 from node.checks.probes import probe
+from node.golang import field
 from node.registration import RegistrationError, parse_service, validate_for_catalog
 from node.state.commands import CHECK_STATUSES, SERVICE_SPEC
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from node.checks.definition import field, fold
+from node.golang import field, fold
 from node.state import commands as cmd
 from node.state.commands import SERVICE_SPEC
 

@@ -36,12 +36,12 @@ from node.api.filter import (
     Match,
     Not,
     Schema,
-    _goq,
     compile_filter,
     parse,
     request_filter,
     unparse,
 )
+from node.golang import quote
 
 # ----- parsing -----
 
@@ -381,7 +381,7 @@ def test_patterns_are_re2s(pattern: str, name: str, expected: bool) -> None:
 def test_patterns_re2_refuses_have_gos_message(pattern: str, error: str) -> None:
     with pytest.raises(FilterError) as e:
         compile_filter(f"ServiceName matches `{pattern}`", SERVICE_NODE_SCHEMA)
-    assert str(e.value) == (f"Failed to compile regular expression {_goq(pattern)}: "
+    assert str(e.value) == (f"Failed to compile regular expression {quote(pattern)}: "
                             f"error parsing regexp: {error}")  # fmt: skip
 
 

@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from node.checks.definition import CheckError, CheckSpec, go_duration
+from node.checks.definition import CheckError, CheckSpec
 from node.checks.probes import probe
+from node.golang import format_duration
 
 
 def spec(**kw: Any) -> CheckSpec:
@@ -296,7 +297,7 @@ async def test_long_script_output_keeps_its_tail_like_consul() -> None:
 def test_go_duration_strings() -> None:
     cases = {0.2: "200ms", 1.0: "1s", 1.5: "1.5s", 90.0: "1m30s", 3600.0: "1h0m0s",
              0.0015: "1.5ms", 0.0: "0s", 10.0: "10s"}  # fmt: skip
-    assert {k: go_duration(k) for k in cases} == cases
+    assert {k: format_duration(k) for k in cases} == cases
 
 
 def test_default_name_header_and_body_fields() -> None:

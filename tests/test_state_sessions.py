@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from node.golang import parse_duration
 from node.state import commands as c
-from node.state.sessions import parse_duration
 from tests.harness.state import StoreDriver as S
 
 SID = "aaaaaaaa-0000-0000-0000-000000000001"

@@ -26,7 +26,6 @@ from node.api.common import (
     blocking_read,
     check_dc,
     consensus_of,
-    fold_key,
     json_response,
     text_error,
     write_command,
@@ -39,9 +38,9 @@ from node.api.filter import (
     SERVICE_NODE_SCHEMA,
     Filter,
     Schema,
-    go_parse_bool,
     request_filter,
 )
+from node.golang import fold, parse_bool
 from node.state import commands as cmd
 from node.state.catalog import has_tag, meta_matches, service_index_name
 from node.state.commands import CHECK_SPEC, NODE_SPEC, SERVICE_SPEC
@@ -57,8 +56,8 @@ def canonical(obj: Any, fields: Any, where: str) -> dict[str, Any]:
     (Go's decoder matches names case-insensitively); unknown fields are ignored as Go does."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where} must be an object")
-    names = {fold_key(f): f for f in fields}
-    return {names[fold_key(k)]: v for k, v in obj.items() if fold_key(k) in names}
+    names = {fold(f): f for f in fields}
+    return {names[fold(k)]: v for k, v in obj.items() if fold(k) in names}
 
 
 async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
@@ -291,7 +290,7 @@ async def health_service(request: web.Request) -> web.StreamResponse:
     # Consul's getBoolQueryParam: present and empty is true, else strconv.ParseBool
     passing = request.query.get("passing")
     try:
-        passing_only = passing is not None and (passing == "" or go_parse_bool(passing))
+        passing_only = passing is not None and (passing == "" or parse_bool(passing))
     except ValueError:
         return text_error(400, "Invalid value for ?passing")
     q = _query(request, CHECK_SERVICE_NODE_SCHEMA)

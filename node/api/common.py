@@ -37,7 +37,6 @@ __all__ = [
     "consistency_mode",
     "decode_json",
     "flag",
-    "fold_key",
     "json_response",
     "propose",
     "set_query_meta",
@@ -226,8 +225,3 @@ async def write_command(request: web.Request, command: bytes) -> Any:
         return result.value
     status = {"too_large": 413, "invalid": 400}.get(result.kind or "", 500)
     return text_error(status, result.error or "write rejected")
-
-
-def fold_key(key: str) -> str:
-    """Go's JSON decoding matches field names case-insensitively; clients also send snake_case."""
-    return key.replace("_", "").lower()

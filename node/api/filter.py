@@ -29,6 +29,7 @@ import re2
 from aiohttp import web
 
 from node.api.common import text_error
+from node.golang import ESCAPES, parse_bool, quote
 
 __all__ = [
     "AGENT_CHECK_SCHEMA",
@@ -49,7 +50,6 @@ __all__ = [
     "Not",
     "Schema",
     "compile_filter",
-    "go_parse_bool",
     "parse",
     "request_filter",
     "unparse",
@@ -224,27 +224,7 @@ Expr: TypeAlias = Match | Not | BinOp
 
 # ----- Go's quoting and number parsing, for values and messages as bexpr gives them -----
 
-_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-               "\v": "\\v", '"': '\\"', "\\": "\\\\"}  # fmt: skip
 _GO_UNESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34}
-
-
-def _goq(s: str) -> str:
-    """Go's %q."""
-    out = ['"']
-    for ch in s:
-        if ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x80:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) <= 0xFFFF:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
 
 
 def _go_unquote(lit: str) -> str:
@@ -297,7 +277,7 @@ def _go_parse_int(raw: str) -> int:
     """strconv.ParseInt(raw, 0, 64): sign, 0x/0o/0b/0 prefixes, underscores between digits."""
 
     def fail(why: str) -> ValueError:
-        return ValueError(f"strconv.ParseInt: parsing {_goq(raw)}: {why}")
+        return ValueError(f"strconv.ParseInt: parsing {quote(raw)}: {why}")
 
     s = raw[1:] if raw[:1] in ("+", "-") else raw
     base, digits, prefixed = 10, s, False
@@ -315,15 +295,6 @@ def _go_parse_int(raw: str) -> int:
     if not -(2**63) <= value < 2**63:
         raise fail("value out of range")
     return value
-
-
-def go_parse_bool(raw: str) -> bool:
-    """strconv.ParseBool, with its error text."""
-    if raw in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if raw in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise ValueError(f"strconv.ParseBool: parsing {_goq(raw)}: invalid syntax")
 
 
 # ----- the parser: go-bexpr's PEG grammar, with pigeon's error reporting -----
@@ -365,7 +336,7 @@ class _Parser:
         self.fail_expected.add("!" + want if self.invert else want)
 
     def error(self, pos: int, rule: str, message: str) -> None:
-        text = f"{self.where(pos)}: rule {_goq(rule)}: {message}"
+        text = f"{self.where(pos)}: rule {quote(rule)}: {message}"
         if text not in self.errors:
             self.errors.append(text)
 
@@ -380,7 +351,7 @@ class _Parser:
 
     def lit(self, pos: int, text: str) -> int | None:
         ok = self.s.startswith(text, pos)
-        self.record(ok, pos, _goq(text))
+        self.record(ok, pos, quote(text))
         return pos + len(text) if ok else None
 
     def cls(self, pos: int, pattern: re.Pattern[str], want: str) -> int | None:
@@ -623,26 +594,26 @@ class _Parser:
         return None
 
     def string(self, pos: int) -> tuple[str, int] | None:
-        for quote in ("`", '"'):
-            p = self.lit(pos, quote)
+        for mark in ("`", '"'):
+            p = self.lit(pos, mark)
             if p is None:
                 continue
-            end = self.s.find(quote, p)
+            end = self.s.find(mark, p)
             # RawStringChar <- !'`' . / DoubleStringChar <- !'"' . : what the loop tried
             stop = self.n if end < 0 else end
             for i in range(p, stop + 1):
                 self.invert = not self.invert
-                self.lit(i, quote)
+                self.lit(i, mark)
                 self.invert = not self.invert
                 self.any(i)
             if end >= 0:
-                self.lit(end, quote)
+                self.lit(end, mark)
                 try:
                     return _go_unquote(self.s[pos : end + 1]), end + 1
                 except ValueError as e:  # the action's error; the match still stands
                     self.error(pos, "string", str(e))
                     return "", end + 1
-            self.lit(self.n, quote)
+            self.lit(self.n, mark)
             if self.eof(self.n):
                 self.error(self.n, "string", "Unterminated string literal")
             return None
@@ -666,8 +637,8 @@ def _quote_value(value: str) -> str:
     for ch in value:
         if ch == '"':
             out.append("\\x22")
-        elif ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
+        elif ch in ESCAPES:
+            out.append(ESCAPES[ch])
         elif not ch.isprintable():
             out.append(f"\\U{ord(ch):08x}")
         else:
@@ -726,7 +697,7 @@ def _coerce(node: Schema, raw: str) -> str | int | bool:
     if kind is int:
         return _go_parse_int(raw)
     if kind is bool:
-        return go_parse_bool(raw)
+        return parse_bool(raw)
     return raw
 
 
@@ -793,7 +764,7 @@ def _regex(raw: str) -> _Regex:
     try:
         return _Regex(raw)
     except ValueError as e:
-        raise FilterError(f"Failed to compile regular expression {_goq(raw)}: "
+        raise FilterError(f"Failed to compile regular expression {quote(raw)}: "
                           f"error parsing regexp: {e}") from None  # fmt: skip
 
 
@@ -836,18 +807,18 @@ def _resolve(match: Match, schema: Schema) -> _Check:
             node = node[part]
         else:
             shown = ".".join(match.selector[: i + 1])
-            raise FilterError(f"Selector {_goq(shown)} is not valid")
+            raise FilterError(f"Selector {quote(shown)} is not valid")
     shown = ".".join(match.selector)
     if match.op not in _ops(node):
-        raise FilterError(f"Invalid match operator {_goq(_OP_NAMES[match.op])} for selector "
-                          f"{_goq(shown)}")  # fmt: skip
+        raise FilterError(f"Invalid match operator {quote(_OP_NAMES[match.op])} for selector "
+                          f"{quote(shown)}")  # fmt: skip
     value: str | int | bool | _Regex | None = None
     if match.value is not None:
         try:
             value = _coerce(node, match.value)
         except ValueError as e:
-            raise FilterError(f"Failed to coerce value {_goq(match.value)} for selector "
-                              f"{_goq(shown)}: {e}") from None  # fmt: skip
+            raise FilterError(f"Failed to coerce value {quote(match.value)} for selector "
+                              f"{quote(shown)}: {e}") from None  # fmt: skip
         if match.op in (MATCHES, NOT_MATCHES):
             value = _regex(match.value)
     return _Check(match.selector, match.op, node, value, schema)
@@ -872,7 +843,7 @@ def _validate(expr: Expr, schema: Schema) -> _Tree:
             program += resolved.value.program_size
             if program > FILTER_MAX_PROGRAM:  # Go's words for a pattern over its own limit
                 raw = resolved.value.pattern
-                raise FilterError(f"Failed to compile regular expression {_goq(raw)}: error "
+                raise FilterError(f"Failed to compile regular expression {quote(raw)}: error "
                                   f"parsing regexp: expression too large: `{raw}`")  # fmt: skip
         return resolved
 

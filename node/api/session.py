@@ -20,16 +20,15 @@ from node.api.common import (
     check_dc,
     consensus_of,
     decode_json,
-    fold_key,
     json_response,
     text_error,
 )
 from node.api.common import write_command as propose
+from node.golang import fold, parse_duration
 from node.raft.runtime import NoLeader
 from node.raft.transport import RPCError
 from node.state import commands as cmd
 from node.state.commands import DEFAULT_LOCK_DELAY_NS, MAX_LOCK_DELAY_NS, is_uuid
-from node.state.sessions import parse_duration
 
 __all__ = ["ROUTES"]
 
@@ -60,7 +59,7 @@ def _str_list(raw: Any, field: str) -> list[str]:
     out = []
     for item in raw:
         if isinstance(item, dict):  # ServiceChecks: [{"ID": ..., "Namespace": ...}]
-            item = next((v for k, v in item.items() if fold_key(k) == "id"), None)
+            item = next((v for k, v in item.items() if fold(k) == "id"), None)
         if not isinstance(item, str) or not item:
             raise ValueError(f"{field} entries must be check IDs")
         out.append(item)
@@ -77,7 +76,7 @@ async def session_create(request: web.Request) -> web.StreamResponse:
     body = {} if body is None else body
     if not isinstance(body, dict):
         return text_error(400, "Request decode failed: expected a JSON object")
-    args = {fold_key(k): v for k, v in body.items()}
+    args = {fold(k): v for k, v in body.items()}
     try:
         node = args.get("node") or agent_of(request).config.node
         if not isinstance(node, str):

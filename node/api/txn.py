@@ -18,12 +18,12 @@ from node.api.common import (
     Handler,
     check_dc,
     decode_json,
-    fold_key,
     json_response,
     propose,
     text_error,
 )
 from node.api.kv import entry_json
+from node.golang import fold
 from node.state import commands as cmd
 from node.state.commands import CHECK_SPEC, MAX_TXN_OPS, NODE_SPEC, SERVICE_SPEC
 
@@ -93,7 +93,7 @@ def parse_ops(body: Any) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or len(item) != 1:
             raise ValueError(f"operation {i}: expected one of KV, Node, Service, Check, Session")
         ((kind, inner),) = item.items()
-        parse = _KINDS.get(fold_key(kind))
+        parse = _KINDS.get(fold(kind))
         if parse is None or not isinstance(inner, dict):
             raise ValueError(f"operation {i}: unknown operation type {kind!r}")
         try:

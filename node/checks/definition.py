@@ -15,10 +15,10 @@ import math
 import time
 from typing import Any
 
+from node.golang import field, parse_duration
 from node.state.commands import CHECK_STATUSES
-from node.state.sessions import parse_duration
 
-__all__ = ["MAX_OUTPUT", "CheckError", "CheckSpec", "duration", "field", "fold", "go_duration"]
+__all__ = ["MAX_OUTPUT", "CheckError", "CheckSpec", "duration"]
 
 MAX_OUTPUT = 4096  # Consul keeps 4 KiB of check output
 DEFAULT_TIMEOUT = 10.0
@@ -28,17 +28,6 @@ MAX_DURATION = (2**63 - 1) / 1e9  # Go's time.Duration: int64 nanoseconds (about
 
 class CheckError(ValueError):
     """A check definition that cannot run; the message names the field."""
-
-
-def fold(key: str) -> str:
-    """A JSON key as Go matches it: case-insensitive, and snake_case is the same key."""
-    return key.replace("_", "").lower()
-
-
-def field(obj: dict[str, Any], name: str, default: Any = None) -> Any:
-    """Field lookup the way Go decodes JSON: case-insensitive, snake_case accepted."""
-    want = fold(name)
-    return next((v for k, v in obj.items() if fold(k) == want), default)
 
 
 def duration(obj: dict[str, Any], name: str, required: bool = False) -> float:
@@ -72,32 +61,6 @@ def _check_tcp_target(target: str) -> None:
         raise CheckError(f"TCP must be host:port with a port in 1-65535, got {target!r}")
 
 
-def _frac(value: int, unit: int) -> str:
-    whole, part = divmod(value, unit)
-    if not part:
-        return str(whole)
-    digits = str(part).rjust(len(str(unit)) - 1, "0").rstrip("0")
-    return f"{whole}.{digits}"
-
-
-def go_duration(seconds: float) -> str:
-    """Go's time.Duration.String(), so messages read as Consul's ("500ms", "1m30s")."""
-    ns = round(seconds * 1e9)
-    sign, ns = ("-" if ns < 0 else ""), abs(ns)
-    if ns == 0:
-        return "0s"
-    if ns < 1_000:
-        return f"{sign}{ns}ns"
-    if ns < 1_000_000:
-        return f"{sign}{_frac(ns, 1_000)}µs"
-    if ns < 1_000_000_000:
-        return f"{sign}{_frac(ns, 1_000_000)}ms"
-    hours, rest = divmod(ns, 3600 * 10**9)
-    minutes, rest = divmod(rest, 60 * 10**9)
-    secs = f"{_frac(rest, 10**9)}s"
-    if hours:
-        return f"{sign}{hours}h{minutes}m{secs}"
-    return f"{sign}{minutes}m{secs}" if minutes else f"{sign}{secs}"
 
 
 def _header(raw: Any) -> dict[str, list[str]]:

@@ -13,7 +13,8 @@ import ssl
 import aiohttp
 from multidict import CIMultiDict
 
-from node.checks.definition import MAX_OUTPUT, CheckSpec, go_duration
+from node.checks.definition import MAX_OUTPUT, CheckSpec
+from node.golang import format_duration
 
 __all__ = ["USER_AGENT", "probe"]
 
@@ -69,7 +70,7 @@ async def _http(chk: CheckSpec) -> tuple[str, str]:
             return ("warning" if r.status == 429 else "critical"), out
     except TimeoutError:
         return "critical", (f"HTTP {chk.method} {chk.http}: timed out after "
-                            f"{go_duration(chk.timeout)}")  # fmt: skip
+                            f"{format_duration(chk.timeout)}")  # fmt: skip
     except (aiohttp.ClientError, OSError, ValueError) as e:
         return "critical", f"HTTP {chk.method} {chk.http}: {e or type(e).__name__}"
 
@@ -130,7 +131,7 @@ async def _script(chk: CheckSpec) -> tuple[str, str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
-        msg = f"Timed out ({go_duration(chk.timeout)}) running check"
+        msg = f"Timed out ({format_duration(chk.timeout)}) running check"
         out = tail.text()
         return "critical", f"{msg}\n\n{out}" if out else msg
     finally:

@@ -9,44 +9,16 @@ they are deterministic functions of the command.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, TypedDict
 
+from node.golang import parse_duration
 from node.state.commands import is_uuid
 from node.state.kv import KVStore
 from node.state.tables import MISSING, Env, JMap, OpError
 
 SESSION_TTL_MIN_S = 10.0
 SESSION_TTL_MAX_S = 86400.0
-
-_DUR_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {
-    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
-}  # fmt: skip
-
-
-def parse_duration(text: str) -> float:
-    """Go's time.ParseDuration (seconds), since Consul's TTL and LockDelay use that syntax."""
-    s = text.strip()
-    if s in ("0", "+0", "-0"):
-        return 0.0
-    sign = 1.0
-    if s[:1] in "+-" and s:
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    pos = 0
-    total = 0.0
-    while pos < len(s):
-        m = _DUR_RE.match(s, pos)
-        if m is None:
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(m.group(1)) * _UNIT_S[m.group(2)]
-        pos = m.end()
-    return sign * total
-
 
 class SessionJSON(TypedDict):
     ID: str

@@ -8,13 +8,13 @@ is ever visible. The Raft index always advances, even for a rejected command.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from node.golang import quote
 from node.raft.types import Entry, EntryType
 from node.state.catalog import SERVICE_INDEX_PREFIX, Catalog
 from node.state.commands import Command, CommandError, decode
@@ -69,11 +69,6 @@ class _Parts:
             self.env, self.kv, self.catalog.node_exists, self.catalog.check_status
         )
         self.tables = GenericTables(self.env)
-
-
-def _q(s: str) -> str:
-    """Go's %q, for error texts that match Consul's."""
-    return json.dumps(s, ensure_ascii=False)
 
 
 class StateStore:
@@ -271,18 +266,18 @@ class StateStore:
         if verb == "cas":
             row = kv.cas(key, op["value"], op["flags"], op["index"])
             if row is None:
-                raise OpError(f"failed to set key {_q(key)}, index is stale")
+                raise OpError(f"failed to set key {quote(key)}, index is stale")
             return [row.entry(with_value=False)]
         if verb == "lock":
             row = kv.lock(key, op["value"], op["flags"], op["session"])
             if row is None:
-                raise OpError(f"failed to lock key {_q(key)}, lock is already held")
+                raise OpError(f"failed to lock key {quote(key)}, lock is already held")
             return [row.entry(with_value=False)]
         if verb == "unlock":
             row = kv.unlock(key, op["value"], op["flags"], op["session"])
             if row is None:
                 raise OpError(
-                    f"failed to unlock key {_q(key)}, lock isn't held, or is held by another "
+                    f"failed to unlock key {quote(key)}, lock isn't held, or is held by another "
                     "session"
                 )
             return [row.entry(with_value=False)]
@@ -290,7 +285,7 @@ class StateStore:
             row = kv.row(key)
             if row is None:
                 if verb == "get":
-                    raise OpError(f"key {_q(key)} doesn't exist")
+                    raise OpError(f"key {quote(key)} doesn't exist")
                 return [KVRow(key, b"", 0, "", 0, 0, 0).entry(with_value=False)]
             return [row.entry()]
         if verb == "get-tree":
@@ -298,26 +293,26 @@ class StateStore:
         if verb == "check-index":
             row = kv.row(key)
             if row is None:
-                raise OpError(f"failed to check index, key {_q(key)} doesn't exist")
+                raise OpError(f"failed to check index, key {quote(key)} doesn't exist")
             if row.modify_index != op["index"]:
                 raise OpError(
-                    f"failed index check for key {_q(key)}, current modify index "
+                    f"failed index check for key {quote(key)}, current modify index "
                     f"{row.modify_index} != {op['index']}"
                 )
             return [row.entry(with_value=False)]
         if verb == "check-session":
             row = kv.row(key)
             if row is None:
-                raise OpError(f"failed to check session, key {_q(key)} doesn't exist")
+                raise OpError(f"failed to check session, key {quote(key)} doesn't exist")
             if row.session != op["session"]:
                 raise OpError(
-                    f"failed session check for key {_q(key)}, current session "
-                    f"{_q(row.session)} != {_q(op['session'])}"
+                    f"failed session check for key {quote(key)}, current session "
+                    f"{quote(row.session)} != {quote(op['session'])}"
                 )
             return [row.entry(with_value=False)]
         if verb == "check-not-exists":
             if kv.row(key) is not None:
-                raise OpError(f"failed to check not exists, key {_q(key)} exists")
+                raise OpError(f"failed to check not exists, key {quote(key)} exists")
             return []
         if verb == "delete":
             kv.delete(key)
@@ -327,9 +322,9 @@ class StateStore:
             return []
         if verb == "delete-cas":
             if not kv.delete_cas(key, op["index"]):
-                raise OpError(f"failed to delete key {_q(key)}, index is stale")
+                raise OpError(f"failed to delete key {quote(key)}, index is stale")
             return []
-        raise OpError(f"unknown KV verb {_q(verb)}")
+        raise OpError(f"unknown KV verb {quote(verb)}")
 
     def _txn_catalog(self, op: dict[str, Any]) -> list[dict[str, Any]]:
         """Node/Service/Check verbs with Consul's results and error texts."""
@@ -338,58 +333,60 @@ class StateStore:
         if kind == "node":
             name = op["name"]
             if op["node"] is not None and op["node"]["Node"] != name:
-                raise OpError(f"node name {_q(op['node']['Node'])} != {_q(name)}")
+                raise OpError(f"node name {quote(op['node']['Node'])} != {quote(name)}")
             if verb == "set":
                 cg.ensure_node(op["node"])
             elif verb == "cas" and not cg.cas_node(op["node"], index):
-                raise OpError(f"failed to set node {_q(name)}, index is stale")
+                raise OpError(f"failed to set node {quote(name)}, index is stale")
             elif verb == "delete":
                 cg.delete_node(name)
             elif verb == "delete-cas" and not cg.delete_node_cas(name, index):
-                raise OpError(f"failed to delete node {_q(name)}, index is stale")
+                raise OpError(f"failed to delete node {quote(name)}, index is stale")
             if verb.startswith("delete"):
                 return []
             row = cg.node(name)
             if row is None:
-                raise OpError(f"node {_q(name)} doesn't exist")
+                raise OpError(f"node {quote(name)} doesn't exist")
             return [{"Node": row}]
         node, oid = op["node"], op["id"]
         if kind == "service":
             svc = op["service"]
             if svc is not None and (svc["ID"] or svc["Service"]) != oid:
-                raise OpError(f"service ID {_q(svc['ID'] or svc['Service'])} != {_q(oid)}")
+                raise OpError(f"service ID {quote(svc['ID'] or svc['Service'])} != {quote(oid)}")
             if verb == "set":
                 cg.ensure_service(node, svc)
             elif verb == "cas" and not cg.cas_service(node, svc, index):
-                raise OpError(f"failed to set service {_q(oid)} on node {_q(node)}, index is stale")
+                raise OpError(f"failed to set service {quote(oid)} on node {quote(node)}, "
+                              "index is stale")
             elif verb == "delete":
                 cg.delete_service(node, oid)
             elif verb == "delete-cas" and not cg.delete_service_cas(node, oid, index):
                 raise OpError(
-                    f"failed to delete service {_q(oid)} on node {_q(node)}, index is stale"
+                    f"failed to delete service {quote(oid)} on node {quote(node)}, index is stale"
                 )
             if verb.startswith("delete"):
                 return []
             row = cg.service(node, oid)
             if row is None:
-                raise OpError(f"service {_q(oid)} on node {_q(node)} doesn't exist")
+                raise OpError(f"service {quote(oid)} on node {quote(node)} doesn't exist")
             return [{"Service": row}]
         chk = op["check"]
         if chk is not None and chk["CheckID"] != oid:
-            raise OpError(f"check ID {_q(chk['CheckID'])} != {_q(oid)}")
+            raise OpError(f"check ID {quote(chk['CheckID'])} != {quote(oid)}")
         if verb == "set":
             cg.ensure_check(node, chk)
         elif verb == "cas" and not cg.cas_check(node, chk, index):
-            raise OpError(f"failed to set check {_q(oid)} on node {_q(node)}, index is stale")
+            raise OpError(f"failed to set check {quote(oid)} on node {quote(node)}, index is stale")
         elif verb == "delete":
             cg.delete_check(node, oid)
         elif verb == "delete-cas" and not cg.delete_check_cas(node, oid, index):
-            raise OpError(f"failed to delete check {_q(oid)} on node {_q(node)}, index is stale")
+            raise OpError(f"failed to delete check {quote(oid)} on node {quote(node)}, "
+                          "index is stale")
         if verb.startswith("delete"):
             return []
         row = cg.check(node, oid)
         if row is None:
-            raise OpError(f"check {_q(oid)} on node {_q(node)} doesn't exist")
+            raise OpError(f"check {quote(oid)} on node {quote(node)} doesn't exist")
         return [{"Check": row}]
 
     def _txn_table(self, op: dict[str, Any]) -> list[dict[str, Any]]:
@@ -402,18 +399,18 @@ class StateStore:
         if verb in ("set", "cas"):
             cas = op["index"] if verb == "cas" else None
             if not tables.upsert(table, row_id, op["value"], cas):
-                raise OpError(f"failed to set {table} {_q(row_id)}, index is stale")
+                raise OpError(f"failed to set {table} {quote(row_id)}, index is stale")
             return result()
         if verb == "get":
             if tables.get(table, row_id) is None:
-                raise OpError(f"{table} {_q(row_id)} doesn't exist")
+                raise OpError(f"{table} {quote(row_id)} doesn't exist")
             return result()
         if verb in ("delete", "delete-cas"):
             cas = op["index"] if verb == "delete-cas" else None
             if not tables.delete(table, row_id, cas):
-                raise OpError(f"failed to delete {table} {_q(row_id)}, index is stale")
+                raise OpError(f"failed to delete {table} {quote(row_id)}, index is stale")
             return []
-        raise OpError(f"unknown table verb {_q(verb)}")
+        raise OpError(f"unknown table verb {quote(verb)}")
 
     # -- snapshot -----------------------------------------------------------------------------
 
