@@ -158,6 +158,19 @@ async def test_http_probe_sends_method_headers_and_body_like_consul() -> None:
     assert seen[2]["ua"] == "me"
 
 
+async def test_http_probe_keeps_the_last_4_kib_of_the_body() -> None:
+    """Consul copies the body into a 4 KiB circular buffer: a long page's end is what shows."""
+
+    async def long_page(_: web.Request) -> web.Response:
+        return web.Response(text="head " + "x" * 20_000 + " the end")
+
+    async with _server(long_page) as base:
+        status, out = await probe(spec(ID="h", HTTP=f"{base}/x", Interval="1s"))
+    prefix = f"HTTP GET {base}/x: 200 OK Output: "
+    assert status == "passing" and out.startswith(prefix) and out.endswith(" the end")
+    assert len(out) == len(prefix) + 4096 and "head" not in out
+
+
 async def test_http_probe_timeout_is_critical() -> None:
     async def stall(_: web.Request) -> web.Response:
         await asyncio.sleep(5)

@@ -63,7 +63,10 @@ async def _http(chk: CheckSpec) -> tuple[str, str]:
                               ssl=_ssl_context(chk) or True,
                               server_hostname=chk.tls_server_name or None,
                               allow_redirects=not chk.disable_redirects) as r):  # fmt: skip
-            body = (await r.content.read(MAX_OUTPUT)).decode(errors="replace")
+            tail = b""  # the last 4 KiB, as Consul's circular buffer keeps them
+            async for chunk in r.content.iter_any():
+                tail = (tail + chunk)[-MAX_OUTPUT:]
+            body = tail.decode(errors="replace")
             out = f"HTTP {chk.method} {chk.http}: {r.status} {r.reason} Output: {body}"
             if 200 <= r.status < 300:
                 return "passing", out
